@@ -1,0 +1,376 @@
+"""The one typed config schema, YAML presets and `key.sub=value` overrides.
+
+A run's config is `Config`: sections `model`, `data`, `optim`, `train`, `parallel`,
+`checkpoint`, `logging`. Presets are YAML files in `configs/` (shipped inside the package) holding
+deltas over the typed defaults. `load(preset_or_path, overrides)` resolves one; any bad input
+raises `ConfigError` with a single line that names the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jaxllm.layers import registry
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message is one line naming the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """The decoder: embedding → n_layers × (norm → mixer → norm → ffn) → norm → head."""
+
+    vocab_size: int = Field(384, ge=2, description="rows of the embedding (≥ tokenizer size)")
+    d_model: int = Field(256, ge=1)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(8, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="GQA kv heads; None = n_heads")
+    head_dim: int | None = Field(None, ge=1, description="None = d_model // n_heads")
+    d_ff: int = Field(768, ge=1)
+    mixer: str = Field("softmax", description="token mixer of every layer (see layer_pattern)")
+    ffn: str = Field("swiglu", description="channel mixer of every layer")
+    layer_pattern: list[str] | None = Field(
+        None, description="token mixer per layer, repeated to n_layers (hybrids)"
+    )
+    mixers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of each token mixer, by name"
+    )
+    ffns: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of each channel mixer, by name"
+    )
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+    max_seq_len: int = Field(2048, ge=1, description="longest sequence decoding may reach")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="compute dtype"
+    )
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def mixer_names(self) -> list[str]:
+        """The token mixer of each layer."""
+        pattern = self.layer_pattern or [self.mixer]
+        return [pattern[i % len(pattern)] for i in range(self.n_layers)]
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set model.head_dim)"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
+        for name in set(self.mixer_names()) | set(self.mixers):
+            registry.mixer(name)
+        for name in {self.ffn} | set(self.ffns):
+            registry.ffn(name)
+        for name, options in self.mixers.items():
+            registry.mixer(name).config_cls.model_validate(options)
+        for name, options in self.ffns.items():
+            registry.ffn(name).config_cls.model_validate(options)
+        return self
+
+
+# ------------------------------------------------------------------------------ data
+
+
+class DataConfig(Section):
+    source: Literal["corpus", "text", "jsonl"] = Field(
+        "corpus", description="corpus = the Python standard library's .py files"
+    )
+    path: str | None = Field(None, description="file, directory or glob (text / jsonl)")
+    field: str = Field("text", description="jsonl field holding the document")
+    tokenizer: Literal["bytes"] = "bytes"
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(16, ge=1, description="global batch, in sequences")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="documents held out, by hash")
+    shuffle: bool = True
+    num_threads: int = Field(2, ge=0, description="grain reader threads")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source != "corpus" and not self.path:
+            raise ValueError(f"data.path is required with data.source={self.source}")
+        return self
+
+
+# ----------------------------------------------------------------------------- optim
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="global-norm clip; None = off")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default runs/<preset>")
+    microbatches: int = Field(1, ge=1, description="gradient accumulation over micro-batches")
+    z_loss: float = Field(0.0, ge=0, description="weight of the log(Z)^2 term")
+    eval_every: int = Field(100, ge=0, description="0 = only at the end")
+    eval_batches: int = Field(8, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    stop_at: int | None = Field(
+        None, ge=1, description="pause after this step with a checkpoint (a job's time slot)"
+    )
+    sample_lines: int = Field(3, ge=0, description="lines sampled at the end of the run")
+    sample_tokens: int = Field(120, ge=1)
+
+
+# -------------------------------------------------------------------------- parallel
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class MeshConfig(Section):
+    data: int = Field(-1, description="-1 = the devices left over")
+    fsdp: int = 1
+    tensor: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshConfig:
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError("at most one parallel.mesh axis may be -1")
+        for axis, size in zip(MESH_AXES, sizes):
+            if size == 0 or size < -1:
+                raise ValueError(f"parallel.mesh.{axis}={size}: use a positive size or -1")
+        return self
+
+    def resolve(self, n_devices: int) -> dict[str, int]:
+        """Axis sizes with -1 filled in; `ConfigError` if they do not tile `n_devices`."""
+        sizes = {a: getattr(self, a) for a in MESH_AXES}
+        known = math.prod(s for s in sizes.values() if s != -1)
+        for axis, size in sizes.items():
+            if size == -1:
+                if n_devices % known:
+                    raise ConfigError(
+                        f"parallel.mesh: {known} devices in the fixed axes do not divide "
+                        f"the {n_devices} devices"
+                    )
+                sizes[axis] = n_devices // known
+        if math.prod(sizes.values()) != n_devices:
+            raise ConfigError(
+                f"parallel.mesh: {sizes} uses {math.prod(sizes.values())} devices, "
+                f"but {n_devices} are available"
+            )
+        return sizes
+
+
+class ParallelConfig(Section):
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+
+
+# ------------------------------------------------------------------ checkpoint, logs
+
+
+class CheckpointConfig(Section):
+    every: int = Field(500, ge=0, description="0 = only at the end")
+    keep: int = Field(3, ge=1)
+    async_save: bool = True
+
+
+class LoggingConfig(Section):
+    every: int = Field(10, ge=1)
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    tensorboard: bool = True
+    plot: bool = True
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    name: str = Field("run", description="preset name; names the default run folder")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        m, d = self.model, self.data
+        if d.batch_size % self.train.microbatches:
+            raise ValueError(
+                f"train.microbatches={self.train.microbatches} must divide "
+                f"data.batch_size={d.batch_size}"
+            )
+        if m.max_seq_len < d.seq_len:
+            raise ValueError(
+                f"model.max_seq_len={m.max_seq_len} must be ≥ data.seq_len={d.seq_len}"
+            )
+        if self.parallel.mesh.tensor > 1:
+            t = self.parallel.mesh.tensor
+            for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):
+                if n % t:
+                    raise ValueError(f"parallel.mesh.tensor={t} must divide model.{what}={n}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or f"runs/{self.name}")
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def configs_dir() -> Path:
+    """The folder of presets shipped with the package (works from a wheel too)."""
+    return Path(str(importlib.resources.files("jaxllm") / "configs"))
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def _read_yaml(preset_or_path: str) -> tuple[str, dict]:
+    path = Path(preset_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = configs_dir() / f"{preset_or_path}.yaml"
+        if not path.exists():
+            close = difflib.get_close_matches(preset_or_path, presets(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(
+                f"unknown preset {preset_or_path!r}{hint}; presets: {', '.join(presets())}"
+            )
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections")
+    base = data.pop("base", None)
+    if base:
+        _, parent = _read_yaml(base)
+        data = _merge(parent, data)
+    return path.stem, data
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}" + _suggest(loc)
+    if e["type"] == "literal_error":
+        return f"{loc}: {msg}"
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}" if loc else msg
+
+
+def _suggest(loc: str) -> str:
+    parts = loc.split(".")
+    node: Any = Config
+    for part in parts[:-1]:
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        node = field.annotation
+    names = list(getattr(node, "model_fields", {}))
+    close = difflib.get_close_matches(parts[-1], names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(names)}"
+
+
+def load(preset_or_path: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset name or YAML path plus `key.sub=value` overrides into a `Config`."""
+    name, data = _read_yaml(preset_or_path)
+    data.setdefault("name", name)
+    for item in overrides:
+        path, value = _parse_override(item)
+        _set(data, path, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    except KeyError as err:  # registry lookups of unknown mixer / ffn names
+        raise ConfigError(str(err.args[0])) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, description) of every settable key, for `--help`."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += keys(ann, f"{prefix}{name}.")
+        else:
+            t = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            default = field.default if field.default_factory is None else field.default_factory()
+            out.append((f"{prefix}{name}", f"{t} = {default!r}", field.description or ""))
+    return out

@@ -1,0 +1,119 @@
+"""The decoder-only language model: embed → blocks → final norm → head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.layers import registry
+from jaxllm.layers.base import DIM_FIELDS, cast, param
+from jaxllm.layers.norms import RMSNorm
+from jaxllm.parallel.rules import constrain
+
+_ACT = ("batch", "length", "act_embed")
+
+
+def layer_config(cfg: ModelConfig, entry: registry.Entry, options: dict, index: int):
+    """A layer's own small config: the model-wide dims, then the layer's options."""
+    dims = {
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.kv_heads,
+        "head_dim": cfg.qk_head_dim,
+        "d_ff": cfg.d_ff,
+        "layer_index": index,
+        "n_layers": cfg.n_layers,
+        "norm_eps": cfg.norm_eps,
+        "init_std": cfg.init_std,
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+    }
+    assert set(dims) == set(DIM_FIELDS)
+    return entry.config_cls(**{**dims, **options})
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
+        mixer_name = cfg.mixer_names()[index]
+        mixer = registry.mixer(mixer_name)
+        ffn = registry.ffn(cfg.ffn)
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mixer = mixer.cls(
+            layer_config(cfg, mixer, cfg.mixers.get(mixer_name, {}), index), rngs=rngs
+        )
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.ffn = ffn.cls(layer_config(cfg, ffn, cfg.ffns.get(cfg.ffn, {}), index), rngs=rngs)
+
+    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None):
+        h_BTD, cache = self.mixer(
+            self.mixer_norm(x_BTD),
+            positions_BT=positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            cache=cache,
+        )
+        x_BTD = constrain(x_BTD + h_BTD.astype(x_BTD.dtype), _ACT)
+        x_BTD = x_BTD + self.ffn(self.ffn_norm(x_BTD)).astype(x_BTD.dtype)
+        return constrain(x_BTD, _ACT), cache
+
+
+class Decoder(nnx.Module):
+    """tokens [B, T] int → logits [B, T, vocab] float32.
+
+    `positions` [B, T] default 0..T-1 (packed data passes per-document positions),
+    `segment_ids` [B, T] keep packed documents from attending to each other. With `cache`
+    (from `init_cache`) the call also returns the updated cache: `(logits, cache)`.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std,
+            dtype=cfg.param_dtype,
+        )  # fmt: skip
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.head = param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
+                dtype=cfg.param_dtype,
+            )  # fmt: skip
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> list[Any]:
+        max_len = max_len or self.cfg.max_seq_len
+        return [blk.mixer.init_cache(batch, max_len) for blk in self.blocks]
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        *,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: list[Any] | None = None,
+    ):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            start = 0 if cache is None else cache[0]["end"]
+            positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        x_BTD = constrain(jnp.take(cast(self.embed, dt), tokens_BT, axis=0), _ACT)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            x_BTD, layer_cache = blk(
+                x_BTD,
+                positions_BT=positions_BT,
+                segment_ids_BT=segment_ids_BT,
+                cache=None if cache is None else cache[i],
+            )
+            new_cache.append(layer_cache)
+        x_BTD = self.final_norm(x_BTD)
+        w_DV = cast(self.embed, dt).T if cfg.tie_embeddings else cast(self.head, dt)
+        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV, preferred_element_type=jnp.float32)
+        logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        return logits_BTV if cache is None else (logits_BTV, new_cache)

@@ -1,0 +1,90 @@
+"""Logical axis names → mesh axes.
+
+Parameters carry logical names (`nnx.Param(..., axes=("embed", "mlp"))`) and activations are
+constrained with `constrain(x, ("batch", "length", "act_embed"))`. This file alone decides how
+those names land on the mesh. A name maps to a mesh axis (or a tuple of them); a mapping is
+dropped for one array where the axis has size 1, is already used by another dim, or does not
+divide the dim — so small or odd shapes replicate instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters: FSDP shards the model width, tensor parallelism the wide dims
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxllm_rules", default=None
+)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Make `constrain` place activations on `mesh` while tracing inside this block."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def spec_for(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> PartitionSpec:
+    """The PartitionSpec of an array with logical axis `names` and `shape` on `mesh`."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(names, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        size = 1
+        for ax in axes:
+            n = mesh.shape.get(ax, 1)
+            if n == 1 or ax in used or dim % (size * n):
+                continue
+            kept.append(ax)
+            size *= n
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def sharding_for(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(names, shape, mesh, rules))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `use_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, sharding_for(names, x.shape, mesh, rules))

@@ -1,0 +1,1 @@
+"""Train state, step function, loop, metrics & MFU, checkpointing."""

@@ -1,0 +1,152 @@
+"""The train state as plain pytrees, its shardings, and sharded initialisation.
+
+The model is split once (`nnx.split`): the graph definition stays static and the parameters
+travel as a nested dict of arrays, so the optimizer state, the checkpoint and the shardings
+are all plain pytrees. `Model.merge(params)` rebuilds the NNX module inside traced code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm import models
+from jaxllm.config import Config
+from jaxllm.optim import build_optimizer
+from jaxllm.parallel.rules import sharding_for
+
+TrainState = dict[str, Any]  # {"step": int32[], "params": {...}, "opt_state": optax state}
+
+
+@dataclass
+class Model:
+    """The static half of a split NNX model; `merge` takes the dynamic half as a pure dict."""
+
+    graphdef: Any
+    treedef: Any  # of the nnx.State holding every parameter
+    axes: dict  # logical axis names per parameter, same structure as the params dict
+    abstract_params: dict
+
+    @classmethod
+    def create(cls, cfg: Config) -> Model:
+        abstract = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(params=0)))
+        graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise AssertionError("the model holds state other than parameters")
+        is_var = lambda x: isinstance(x, nnx.Variable)
+        axes = nnx.to_pure_dict(
+            jax.tree.map(lambda v: v.get_metadata().get("axes"), state, is_leaf=is_var)
+        )
+        abstract_params = nnx.to_pure_dict(state)
+        treedef = jax.tree.structure(state)
+        return cls(graphdef, treedef, _keep_tuples(axes, abstract_params), abstract_params)
+
+    def merge(self, params: dict) -> nnx.Module:
+        # nnx.State and the pure dict flatten in the same (sorted-key) order.
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
+
+
+def _keep_tuples(axes: Any, like: dict) -> dict:
+    """`to_pure_dict` leaves tuples of names intact; map them onto the params' structure."""
+    return jax.tree.map(lambda _, a: a, like, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@dataclass
+class Trainer:
+    """Everything static about a run's state: the model split, the optimizer, the shardings."""
+
+    cfg: Config
+    mesh: Mesh
+    model: Model
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    batch_sharding: NamedSharding
+
+    @classmethod
+    def create(cls, cfg: Config, mesh: Mesh) -> Trainer:
+        model = Model.create(cfg)
+        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+        param_shardings = jax.tree.map(
+            lambda a, x: sharding_for(a, x.shape, mesh),
+            model.axes,
+            model.abstract_params,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+        abstract_opt = jax.eval_shape(tx.init, model.abstract_params)
+        opt_shardings = _mirror_shardings(
+            abstract_opt, model.abstract_params, param_shardings, mesh
+        )
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state_shardings = {
+            "step": replicated,
+            "params": param_shardings,
+            "opt_state": opt_shardings,
+        }
+        batch_sharding = sharding_for(
+            ("batch", "length"), (cfg.data.batch_size, cfg.data.seq_len), mesh
+        )
+        return cls(cfg, mesh, model, tx, schedule, state_shardings, batch_sharding)
+
+    def abstract_state(self) -> TrainState:
+        def init():
+            params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.model.abstract_params)
+            return {
+                "step": jnp.zeros((), jnp.int32),
+                "params": params,
+                "opt_state": self.tx.init(params),
+            }
+
+        shapes = jax.eval_shape(init)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            shapes,
+            self.state_shardings,
+        )
+
+    def init_state(self, seed: int) -> TrainState:
+        """A fresh state, created directly in its shardings (no unsharded copy on one device)."""
+        cfg_model = self.cfg.model
+
+        def init():
+            model = models.build(cfg_model, nnx.Rngs(params=seed))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            return {
+                "step": jnp.zeros((), jnp.int32),
+                "params": params,
+                "opt_state": self.tx.init(params),
+            }
+
+        return jax.jit(init, out_shardings=self.state_shardings)()
+
+
+def _mirror_shardings(abstract_opt: Any, abstract_params: dict, param_shardings: dict, mesh: Mesh):
+    """Optimizer-state leaves that mirror a parameter (Adam's moments) take its sharding;
+    everything else (step counts, scalars) is replicated."""
+    by_shape_path: dict[tuple, NamedSharding] = {}
+    for (path, leaf), sh in zip(
+        jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings)
+    ):
+        by_shape_path[(_key(path), leaf.shape)] = sh
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = _key(path)
+        # The param path is a suffix of the optimizer-state path (state.mu.<param path>).
+        for n in range(len(keys)):
+            sh = by_shape_path.get((keys[n:], leaf.shape))
+            if sh is not None:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def _key(path) -> tuple:
+    return tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
