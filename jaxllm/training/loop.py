@@ -200,8 +200,9 @@ def _log_train(pending, writer: MetricsWriter, progress: Progress) -> None:
         "tokens_per_s": tps,
         "mfu": tps * flops_tok / peak_total if math.isfinite(peak_total) else float("nan"),
     }
-    if m["z_loss"]:
-        record["z_loss"] = float(m["z_loss"])
+    for key, value in m.items():
+        if key not in ("loss", "grad_norm", "lr", "tokens") and float(value) != 0.0:
+            record[key] = float(value)
     writer.write(record)
     progress.update(step, record)
 
