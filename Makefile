@@ -4,7 +4,6 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export JAX_PLATFORMS ?= cpu
 
 .PHONY: setup train test test-all test-quick lint format clean
 
@@ -22,10 +21,10 @@ train: $(STAMP)
 
 # The default suite: everything but the slow end-to-end tests, on 2 workers.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,47 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm import models
+from jaxllm.generate import Sampler, sample_logits
+from jaxllm.training.state import Model
+from tests.helpers import tiny
+
+LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def _draws(n=4000, **kw):
+    keys = jax.random.split(jax.random.key(0), n)
+    toks = jax.vmap(lambda k: sample_logits(LOGITS, k, **kw)[0])(keys)
+    return np.bincount(np.asarray(toks), minlength=4) / n
+
+
+def test_greedy_and_temperature():
+    assert int(sample_logits(LOGITS, jax.random.key(0), temperature=0)[0]) == 0
+    np.testing.assert_allclose(_draws(), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # Temperature 0.5 squares the probabilities (then renormalises).
+    p = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
+    np.testing.assert_allclose(_draws(temperature=0.5), p / p.sum(), atol=0.03)
+
+
+def test_top_k_and_top_p():
+    np.testing.assert_allclose(_draws(top_k=2), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.03)
+    # Nucleus 0.7: 0.5 alone is below 0.7, so the second token joins; the third does not.
+    np.testing.assert_allclose(_draws(top_p=0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.03)
+    # p so small that only the top token is kept.
+    assert _draws(top_p=0.1)[0] == 1.0
+
+
+def test_greedy_generation_equals_argmax_of_full_forward():
+    cfg = tiny()
+    model = models.build(cfg.model, nnx.Rngs(params=0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sampler = Sampler(Model.create(cfg), params, max_len=24)
+    prompt = np.array([[256, 100, 101, 102], [256, 40, 41, 42]])
+    new = sampler.generate(prompt, max_new_tokens=6, temperature=0)
+    seq = prompt
+    for _ in range(6):
+        nxt = np.asarray(jnp.argmax(model(jnp.asarray(seq))[:, -1], axis=-1))[:, None]
+        seq = np.concatenate([seq, nxt], axis=1)
+    np.testing.assert_array_equal(new, seq[:, 4:])
