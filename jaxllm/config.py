@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,10 @@ class ModelConfig(Section):
         default_factory=dict, description="options of each channel mixer, by name"
     )
     norm_eps: float = Field(1e-5, gt=0)
+    norm: Literal["rms", "srms"] = Field(
+        "rms", description="block and final norms: rms (learned scale) | srms (none, TNL)"
+    )
+    scale_embedding: bool = Field(False, description="multiply the embeddings by √d_model (TNL)")
     tie_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
     max_seq_len: int = Field(2048, ge=1, description="longest sequence decoding may reach")
@@ -97,39 +102,109 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["corpus", "text", "jsonl"] = Field(
-        "corpus", description="corpus = the Python standard library's .py files"
+    source: Literal["corpus", "text", "jsonl", "parquet", "arrayrecord"] = Field(
+        "corpus",
+        description="corpus = the Python standard library's .py files; arrayrecord = a folder "
+        "of `python -m jaxllm.data prepare`",
     )
-    path: str | None = Field(None, description="file, directory or glob (text / jsonl)")
-    field: str = Field("text", description="jsonl field holding the document")
-    tokenizer: Literal["bytes"] = "bytes"
+    path: str | None = Field(None, description="file, directory or glob (text / jsonl / parquet)")
+    field: str = Field("text", description="jsonl field / parquet column holding the document")
+    tokenizer: Literal["bytes", "hf", "sentencepiece"] = Field(
+        "bytes", description="bytes | hf (tokenizer.json) | sentencepiece (.model file)"
+    )
+    tokenizer_path: str | None = Field(
+        None, description="file or folder of the hf / sentencepiece tokenizer"
+    )
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(16, ge=1, description="global batch, in sequences")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="documents held out, by hash")
     shuffle: bool = True
     num_threads: int = Field(2, ge=0, description="grain reader threads")
+    tokenize_workers: int = Field(
+        0, ge=0, description="processes tokenizing the source at start-up (0 = in-process)"
+    )
+    on_bad_document: Literal["stop", "skip"] = Field(
+        "stop",
+        description="invalid UTF-8 / JSON, a missing field: stop naming file and line, or skip "
+        "and count (empty documents are always skipped and counted)",
+    )
+    long_documents: Literal["split", "skip", "stop"] = Field(
+        "split", description="documents longer than data.seq_len: split over windows, skip, stop"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.source != "corpus" and not self.path:
             raise ValueError(f"data.path is required with data.source={self.source}")
+        if self.tokenizer != "bytes" and not self.tokenizer_path:
+            raise ValueError(
+                f"data.tokenizer_path is required with data.tokenizer={self.tokenizer}"
+            )
         return self
 
 
 # ----------------------------------------------------------------------------- optim
 
 
+class ParamGroup(Section):
+    """Parameters whose path (like "blocks/3/ffn/w_up") matches `pattern` (re.search)."""
+
+    pattern: str = Field(description="regex searched in the parameter path, '/'-joined")
+    lr_scale: float = Field(1.0, ge=0, description="multiplies the schedule's learning rate")
+    weight_decay: float | None = Field(None, ge=0, description="None = the optimizer's")
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamGroup:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regex ({e})") from None
+        return self
+
+
+class Co2Config(Section):
+    """CO2 (arXiv 2401.16265): τ local steps per data-parallel replica, then an outer step
+    with a one-round-stale parameter average (see jaxllm.optim.co2)."""
+
+    enabled: bool = False
+    local_steps: int = Field(48, ge=1, description="τ, inner steps per outer round")
+    outer_lr: float = Field(1.0, gt=0)
+    outer_momentum: float = Field(0.5, ge=0, lt=1)
+    staleness_penalty: float = Field(
+        1.0, ge=1, description="divides the stale pseudo-gradient (the official code's gap penalty)"
+    )
+    clip: float | None = Field(None, gt=0, description="clamp the outer momentum to ±clip")
+    stale: bool = Field(True, description="False = the current round's average (no overlap)")
+    carry_local: bool = Field(
+        False,
+        description="stale only: each replica restarts at θ plus its own last-round progress "
+        "(not yet in the stale average) instead of at θ (the official code's reset)",
+    )
+
+
 class OptimConfig(Section):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    name: Literal["adamw", "came", "lion", "signum", "sign_sgd", "sgd"] = Field(
+        "adamw", description="sgd = momentum SGD (b1), a linear reference for CO2"
+    )
+    lr: float | None = Field(None, gt=0, description="peak learning rate; None = the optimizer's")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
-    b1: float = Field(0.9, ge=0, lt=1)
-    b2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    b1: float = Field(0.9, ge=0, lt=1, description="momentum (Signum's beta, SGD's momentum)")
+    b2: float | None = Field(None, ge=0, lt=1, description="None = the optimizer's")
+    eps: float = Field(1e-8, gt=0, description="adamw")
+    weight_decay: float | None = Field(
+        None, ge=0, description="decoupled, matrices only; None = the optimizer's"
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="global-norm clip; None = off")
+    b3: float = Field(0.9999, ge=0, lt=1, description="came: instability decay")
+    eps1: float = Field(1e-30, gt=0, description="came: added to g²")
+    eps2: float = Field(1e-16, gt=0, description="came: added to the instability")
+    clip_threshold: float = Field(1.0, gt=0, description="came: update RMS clip")
+    groups: list[ParamGroup] = Field(
+        default_factory=list, description="per-parameter-group lr / decay; first match wins"
+    )
+    co2: Co2Config = Field(default_factory=Co2Config)
 
 
 # ----------------------------------------------------------------------------- train
@@ -149,18 +224,78 @@ class TrainConfig(Section):
     )
     sample_lines: int = Field(3, ge=0, description="lines sampled at the end of the run")
     sample_tokens: int = Field(120, ge=1)
+    remat: Literal["none", "full", "minimal", "save_dots", "offload"] = Field(
+        "none", description="activation checkpointing of each block (jaxllm.training.remat)"
+    )
+    offload_fraction: float = Field(
+        0.0, ge=0, le=1, description="remat=offload: share of tokens of the other saved "
+        "activations offloaded to host (the rest recomputed)",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------- precision
+
+
+class QuantizeConfig(Section):
+    """ExMy fake quantization of each GEMM input of every dense projection (Sun et al. 2025):
+    a spec "eEmM[/B|/channel|/tensor]" (e.g. "e4m3/128"; "bf16" = e8m7), or None = high
+    precision. Y = X W: x, w; dX = dY W: dy_dx, w_dx; dW = dYᵀ X: dy_dw, x_dw."""
+
+    x: str | None = Field(None, description="P1, forward activation")
+    w: str | None = Field(None, description="P2, forward weight")
+    dy_dx: str | None = Field(None, description="P3, output gradient in the dX GEMM")
+    w_dx: str | None = Field(None, description="P4, weight in the dX GEMM")
+    dy_dw: str | None = Field(None, description="P5, output gradient in the dW GEMM")
+    x_dw: str | None = Field(None, description="P6, activation in the dW GEMM")
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        from jaxllm.precision.exmy import parse_exmy
+
+        for name in type(self).model_fields:
+            spec = getattr(self, name)
+            if spec is not None:
+                parse_exmy(spec)
+        return self
+
+
+class PrecisionConfig(Section):
+    """Low-precision dense projections (jaxllm.precision); embedding, head, norms, routers
+    and attention's own products stay in high precision."""
+
+    fp8: Literal["none", "delayed", "current", "blockwise"] = Field(
+        "none", description="scaled FP8 projections: E4M3 forward, E5M2 output gradients"
+    )
+    fp8_level: Literal["O1", "O2"] = Field(
+        "O1", description="FP8-LM: O2 also keeps Adam's m in FP8 (scaled) and v in 16 bits"
+    )
+    amax_history_len: int = Field(16, ge=1, description="delayed: steps of amax history")
+    margin: int = Field(0, ge=0, description="delayed: scale = fp8_max / amax / 2^margin")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> PrecisionConfig:
+        if self.fp8 != "none" and any(
+            getattr(self.quantize, n) for n in type(self.quantize).model_fields
+        ):
+            raise ValueError("precision.quantize does not combine with precision.fp8")
+        return self
 
 
 # -------------------------------------------------------------------------- parallel
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
 
 class MeshConfig(Section):
     data: int = Field(-1, description="-1 = the devices left over")
     fsdp: int = 1
     tensor: int = 1
+    expert: int = Field(1, description="expert parallelism: routed experts split over it")
+    sequence: int = Field(
+        1, description="sequence parallelism: the token axis split over it (parallel.sequence_impl)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MeshConfig:
@@ -189,11 +324,21 @@ class MeshConfig(Section):
                 f"parallel.mesh: {sizes} uses {math.prod(sizes.values())} devices, "
                 f"but {n_devices} are available"
             )
+        if sizes["expert"] == 1:
+            # Meshes without expert parallelism keep their three-axis shape.
+            del sizes["expert"]
+        if sizes["sequence"] == 1:
+            del sizes["sequence"]
         return sizes
 
 
 class ParallelConfig(Section):
     mesh: MeshConfig = Field(default_factory=MeshConfig)
+    sequence_impl: Literal["auto", "lasp2", "lasp1", "allgather", "ulysses"] = Field(
+        "auto",
+        description="with parallel.mesh.sequence > 1: lasp2 | lasp1 for linear mixers, "
+        "allgather | ulysses for softmax; auto = lasp2 / allgather (jaxllm.parallel.sequence)",
+    )
 
 
 # ------------------------------------------------------------------ checkpoint, logs
@@ -203,6 +348,21 @@ class CheckpointConfig(Section):
     every: int = Field(500, ge=0, description="0 = only at the end")
     keep: int = Field(3, ge=1)
     async_save: bool = True
+    init_from: str | None = Field(
+        None,
+        description="hf:PATH = start from a Hugging Face folder (its architecture replaces "
+        "model.*, except dtype, param_dtype, init_std, max_seq_len)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointConfig:
+        if self.init_from is not None and not (
+            self.init_from.startswith("hf:") and len(self.init_from) > 3
+        ):
+            raise ValueError(
+                f"checkpoint.init_from={self.init_from!r}: use hf:PATH (a Hugging Face folder)"
+            )
+        return self
 
 
 class LoggingConfig(Section):
@@ -218,6 +378,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     name: str = Field("run", description="preset name; names the default run folder")
@@ -234,6 +395,18 @@ class Config(Section):
             raise ValueError(
                 f"model.max_seq_len={m.max_seq_len} must be ≥ data.seq_len={d.seq_len}"
             )
+        co2 = self.optim.co2
+        if co2.enabled:
+            tau, t = co2.local_steps, self.train
+            for what, n in (("train.steps", t.steps), ("train.stop_at", t.stop_at or tau)):
+                if n % tau:
+                    raise ValueError(
+                        f"optim.co2.local_steps={tau} must divide {what}={n} (a call is a round)"
+                    )
+            if t.microbatches != 1:
+                raise ValueError("optim.co2 does not combine with train.microbatches > 1")
+            if getattr(getattr(self, "precision", None), "fp8", None) == "delayed":
+                raise ValueError("optim.co2 does not combine with precision.fp8=delayed")
         if self.parallel.mesh.tensor > 1:
             t = self.parallel.mesh.tensor
             for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):

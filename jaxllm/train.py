@@ -39,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
+    from jaxllm.parallel import distributed
+
+    try:
+        # one of several processes: join them before jax starts (jaxllm.parallel.distributed)
+        cluster, argv = distributed.pop_flags(argv)
+        if not print_only:
+            distributed.initialize(cluster)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     unknown = [a for a in argv if a.startswith("--")]
     if unknown:
         print(f"error: unknown option {unknown[0]}; usage: {USAGE}", file=sys.stderr)

@@ -33,7 +33,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxllm.data.sources import DataError, Document, read_documents, split_documents
+from jaxllm.data.formats import tokenize_all
+from jaxllm.data.sources import (
+    BadDocuments,
+    DataError,
+    Document,
+    read_documents,
+    split_documents,
+)
 from jaxllm.data.tokenizers import ByteTokenizer, build_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -141,9 +148,10 @@ class Pipeline:
         self.process_index = process_index
         self.process_count = process_count
         self.batch_per_process = cfg.batch_size // process_count
-        self.tokenizer: ByteTokenizer = build_tokenizer(cfg.tokenizer)
+        self.tokenizer: ByteTokenizer = build_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
 
-        documents = read_documents(cfg)
+        self.bad = BadDocuments(getattr(cfg, "on_bad_document", "stop"))
+        documents = read_documents(cfg, self.bad)
         train_docs, val_docs = split_documents(documents, cfg.val_fraction)
         if not train_docs:
             raise DataError(
@@ -160,8 +168,26 @@ class Pipeline:
 
     def _pack(self, documents: Sequence[Document]) -> PackedStream:
         tok = self.tokenizer
+        todo = [d.text for d in documents if d.tokens is None]
+        spec = (self.cfg.tokenizer, self.cfg.tokenizer_path)
+        encoded = iter(tokenize_all(tok, todo, workers=self.cfg.tokenize_workers, spec=spec))
+        arrays = [d.tokens if d.tokens is not None else next(encoded) for d in documents]
+        policy = getattr(self.cfg, "long_documents", "split")
+        if policy != "split":
+            # [BOS] doc [EOS] fits one window of seq_len + 1 tokens when len(doc) < seq_len.
+            long = [i for i, a in enumerate(arrays) if len(a) >= self.cfg.seq_len]
+            if long and policy == "stop":
+                d, n = documents[long[0]], len(arrays[long[0]])
+                raise DataError(
+                    f"data: document {d.key} has {n} tokens, more than data.seq_len="
+                    f"{self.cfg.seq_len} holds (data.long_documents=split|skip); {len(long)} such"
+                )
+            if long:
+                self.bad.counts["long"] = self.bad.counts.get("long", 0) + len(long)
+            drop = set(long)
+            arrays = [a for i, a in enumerate(arrays) if i not in drop]
         return pack_documents(
-            [tok.encode(document.text) for document in documents],
+            arrays,
             seq_len=self.cfg.seq_len,
             bos_id=tok.bos_id,
             eos_id=tok.eos_id,
@@ -205,6 +231,7 @@ class Pipeline:
             "val_tokens": self._val.n_tokens,
             "val_windows": self._val.n_windows,
             "build_seconds": round(self._build_seconds, 3),
+            **{f"skipped_{reason}": n for reason, n in sorted(self.bad.counts.items())},
         }
 
     def _pipeline_identity(self) -> dict[str, Any]:
@@ -239,7 +266,11 @@ class _CheckedIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         saved = state.get("pipeline", {})
-        changed = sorted(k for k in self._identity if saved.get(k) != self._identity[k])
+        # "process" may differ: the iterator's position is a batch index, and batch i of all
+        # processes together is global batch i whatever their number (round-robin dealing)
+        changed = sorted(
+            k for k in self._identity if k != "process" and saved.get(k) != self._identity[k]
+        )
         if changed:
             raise DataError(
                 f"data: the checkpoint's data state is of another pipeline ({', '.join(changed)} "

@@ -1,6 +1,6 @@
 """Where documents come from, and which of them are held out for validation.
 
-Three sources (`data.source`):
+Sources (`data.source`):
 
 - `corpus` (default): the `.py` files of the running interpreter's standard library
   (`sysconfig.get_paths()["stdlib"]`, without `site-packages` / `dist-packages`). Every Python
@@ -10,6 +10,7 @@ Three sources (`data.source`):
   is one UTF-8 document.
 - `jsonl`: the same kinds of path; each non-blank line is a JSON object and `obj[data.field]` is
   one document.
+- `parquet`, `arrayrecord` (pre-tokenized): see `jaxllm.data.formats`.
 
 A document's `key` is its path relative to the source's root (plus `:<line>` for jsonl). The
 split is a pure function of the key — a stable hash, not Python's salted `hash()` — so a document
@@ -28,6 +29,8 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
 
 class DataError(ValueError):
     """A user error in the data section (a missing path, an empty source, a bad line)."""
@@ -37,6 +40,8 @@ class DataError(ValueError):
 class Document:
     key: str
     text: str
+    # Token ids when the source is already tokenized (data.source=arrayrecord); else None.
+    tokens: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -63,46 +68,106 @@ def corpus_documents() -> list[Document]:
     return [Document(key, path.read_bytes().decode("utf-8", "replace")) for key, path in files]
 
 
-def text_documents(path: str) -> list[Document]:
+class BadDocuments:
+    """What happens to a bad document (`data.on_bad_document`): `stop` raises a `DataError`
+    naming the file and line, `skip` drops it and counts it by reason (`counts`, shown in the
+    pipeline's stats). Empty documents are always dropped and counted: they hold nothing to
+    learn, so dropping them never changes a batch's meaning."""
+
+    def __init__(self, policy: str = "stop"):
+        self.policy = policy
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, reason: str, message: str) -> None:
+        if self.policy == "stop" and reason != "empty":
+            raise DataError(f"{message} (data.on_bad_document=skip skips such documents)")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
+def text_documents(path: str, bad: BadDocuments | None = None) -> list[Document]:
     """Each file that `path` names (file, directory or glob) is one UTF-8 document."""
-    return [Document(key, _read_utf8(file)) for key, file in resolve_files(path)]
-
-
-def jsonl_documents(path: str, field: str) -> list[Document]:
-    """`obj[field]` of each non-blank line of each file that `path` names."""
+    bad = bad or BadDocuments()
     documents = []
     for key, file in resolve_files(path):
-        for lineno, line in enumerate(_read_utf8(file).splitlines(), start=1):
+        try:
+            text = _read_utf8(file)
+        except _NotUTF8 as e:
+            bad("invalid_utf8", str(e))
+            continue
+        if not text:
+            bad("empty", f"data.path: {file} is empty")
+            continue
+        documents.append(Document(key, text))
+    return documents
+
+
+def jsonl_documents(path: str, field: str, bad: BadDocuments | None = None) -> list[Document]:
+    """`obj[field]` of each non-blank line of each file that `path` names."""
+    bad = bad or BadDocuments()
+    documents = []
+    for key, file in resolve_files(path):
+        for lineno, raw in enumerate(_read_bytes(file).splitlines(), start=1):
+            where = f"data.path: {file}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad("invalid_utf8", f"{where}: not UTF-8 text (byte {e.start})")
+                continue
             if not line.strip():
                 continue
-            where = f"data.path: {file}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not a JSON object ({e.msg})") from None
+                bad("invalid_json", f"{where}: not a JSON object ({e.msg})")
+                continue
             if not isinstance(obj, dict) or field not in obj:
-                raise DataError(f"{where}: no field {field!r} (data.field)")
+                bad("missing_field", f"{where}: no field {field!r} (data.field)")
+                continue
             if not isinstance(obj[field], str):
                 kind = type(obj[field]).__name__
-                raise DataError(f"{where}: field {field!r} is a {kind}, not a string")
+                bad("not_a_string", f"{where}: field {field!r} is a {kind}, not a string")
+                continue
+            if not obj[field]:
+                bad("empty", f"{where}: field {field!r} is empty")
+                continue
             documents.append(Document(f"{key}:{lineno}", obj[field]))
     return documents
 
 
-def read_documents(cfg) -> list[Document]:
-    """The documents of `cfg` (a `DataConfig`: `source`, `path`, `field`), in a fixed order."""
+def read_documents(cfg, bad: BadDocuments | None = None) -> list[Document]:
+    """The documents of `cfg` (a `DataConfig`: `source`, `path`, `field`), in a fixed order;
+    bad ones are handled by `bad` (default: `cfg.on_bad_document`)."""
+    if bad is None:
+        bad = BadDocuments(getattr(cfg, "on_bad_document", "stop"))
     if cfg.source == "corpus":
         return corpus_documents()
     if not cfg.path:
         raise DataError(f"data.path is required with data.source={cfg.source}")
     if cfg.source == "text":
-        return text_documents(cfg.path)
+        documents = text_documents(cfg.path, bad)
+        if not documents:
+            raise DataError(f"data.path: {cfg.path} holds no usable documents ({bad.counts})")
+        return documents
     if cfg.source == "jsonl":
-        documents = jsonl_documents(cfg.path, cfg.field)
+        documents = jsonl_documents(cfg.path, cfg.field, bad)
         if not documents:
             raise DataError(f"data.path: {cfg.path} holds no JSON lines")
         return documents
-    raise DataError(f"data.source: unknown source {cfg.source!r}; known: corpus, text, jsonl")
+    if cfg.source in ("parquet", "arrayrecord"):
+        from jaxllm.data import formats
+
+        if cfg.source == "parquet":
+            documents = formats.parquet_documents(cfg.path, cfg.field, bad)
+        else:
+            fingerprint = formats.tokenizer_fingerprint(cfg.tokenizer, cfg.tokenizer_path)
+            documents = formats.arrayrecord_documents(cfg.path, fingerprint=fingerprint)
+        if not documents:
+            raise DataError(f"data.path: {cfg.path} holds no documents")
+        return documents
+    raise DataError(
+        f"data.source: unknown source {cfg.source!r}; known: corpus, text, jsonl, parquet, "
+        "arrayrecord"
+    )
 
 
 def split_fraction(key: str) -> float:
@@ -162,10 +227,19 @@ def _walk(root: Path, *, excluded: frozenset[str]) -> Iterator[Path]:
                 yield file
 
 
-def _read_utf8(file: Path) -> str:
+class _NotUTF8(DataError):
+    pass
+
+
+def _read_bytes(file: Path) -> bytes:
     try:
-        return file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.path: {file} is not UTF-8 text (byte {e.start})") from None
+        return file.read_bytes()
     except OSError as e:
         raise DataError(f"data.path: cannot read {file} ({e.strerror})") from None
+
+
+def _read_utf8(file: Path) -> str:
+    try:
+        return _read_bytes(file).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _NotUTF8(f"data.path: {file} is not UTF-8 text (byte {e.start})") from None

@@ -34,13 +34,21 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-_TOKENIZERS = {"bytes": ByteTokenizer}
+_TOKENIZERS = ("bytes", "hf", "sentencepiece")
 
 
-def build_tokenizer(name: str) -> ByteTokenizer:
-    """The tokenizer called `name` (`data.tokenizer`)."""
+def build_tokenizer(name: str, path: str | None = None) -> ByteTokenizer:
+    """The tokenizer called `name` (`data.tokenizer`); `hf` (a tokenizer.json) and
+    `sentencepiece` (a .model file) read `path` (`data.tokenizer_path`, a file or its folder)."""
     if name not in _TOKENIZERS:
         raise DataError(
             f"data.tokenizer: unknown tokenizer {name!r}; known: {', '.join(sorted(_TOKENIZERS))}"
         )
-    return _TOKENIZERS[name]()
+    if name == "bytes":
+        return ByteTokenizer()
+    if not path:
+        raise DataError(f"data.tokenizer={name} needs data.tokenizer_path")
+    from jaxllm.data import hf_tokenizer
+
+    cls = hf_tokenizer.HFTokenizer if name == "hf" else hf_tokenizer.SentencePieceTokenizer
+    return cls(path)

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import Field
 
-from jaxllm.layers.base import LayerConfig, cast, param
+from jaxllm.layers.base import ATTN_OUT, LayerConfig, cast, dense, param, tag
 from jaxllm.layers.norms import rms_norm
-from jaxllm.layers.positions import rope
+from jaxllm.layers.positions import RopeScaling, rope
 from jaxllm.layers.registry import register_mixer
 from jaxllm.ops.attention import attention
+from jaxllm.parallel import sequence
 from jaxllm.parallel.rules import constrain
 
 Cache = dict[str, jax.Array]
@@ -21,7 +22,10 @@ Cache = dict[str, jax.Array]
 
 class AttentionConfig(LayerConfig):
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = Field(None, description="long-context RoPE scaling")
     qk_norm: bool = Field(False, description="RMSNorm on q and k per head (after projection)")
+    qkv_bias: bool = Field(False, description="biases on the q, k, v projections (Qwen2)")
+    out_bias: bool = Field(False, description="bias on the output projection")
     impl: Literal["auto", "reference", "xla", "cudnn"] = "auto"
 
 
@@ -46,6 +50,12 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = param(rngs, (k,), ("head_dim",), init="ones")
             self.k_norm = param(rngs, (k,), ("head_dim",), init="ones")
+        if cfg.qkv_bias:
+            self.bq = param(rngs, (h, k), ("heads", "head_dim"), init="zeros", dtype=pd)
+            self.bk = param(rngs, (g, k), ("kv_heads", "head_dim"), init="zeros", dtype=pd)
+            self.bv = param(rngs, (g, k), ("kv_heads", "head_dim"), init="zeros", dtype=pd)
+        if cfg.out_bias:
+            self.bo = param(rngs, (d,), ("embed",), init="zeros", dtype=pd)
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
         c = self.cfg
@@ -67,17 +77,28 @@ class Attention(nnx.Module):
         c = self.cfg
         dt = c.compute_dtype
         x_BTD = x_BTD.astype(dt)
-        q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, cast(self.wq, dt))
-        k_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, cast(self.wk, dt))
-        v_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, cast(self.wv, dt))
+        q_BTHK = dense(x_BTD, cast(self.wq, dt), "BTD,DHK->BTHK", name="q")
+        k_BTGK = dense(x_BTD, cast(self.wk, dt), "BTD,DGK->BTGK", name="k")
+        v_BTGK = dense(x_BTD, cast(self.wv, dt), "BTD,DGK->BTGK", name="v")
+        if c.qkv_bias:
+            q_BTHK = q_BTHK + cast(self.bq, dt)
+            k_BTGK = k_BTGK + cast(self.bk, dt)
+            v_BTGK = v_BTGK + cast(self.bv, dt)
         if c.qk_norm:
             q_BTHK = rms_norm(q_BTHK, self.q_norm[...], c.norm_eps)
             k_BTGK = rms_norm(k_BTGK, self.k_norm[...], c.norm_eps)
-        q_BTHK = constrain(rope(q_BTHK, positions_BT, c.rope_theta), _ACT_Q)
-        k_BTGK = constrain(rope(k_BTGK, positions_BT, c.rope_theta), _ACT_KV)
-        v_BTGK = constrain(v_BTGK, _ACT_KV)
+        q_BTHK = constrain(rope(q_BTHK, positions_BT, c.rope_theta, c.rope_scaling), _ACT_Q)
+        k_BTGK = constrain(rope(k_BTGK, positions_BT, c.rope_theta, c.rope_scaling), _ACT_KV)
+        q_BTHK, k_BTGK = tag(q_BTHK, "q"), tag(k_BTGK, "k")
+        v_BTGK = tag(constrain(v_BTGK, _ACT_KV), "v")
 
-        if cache is None:
+        if cache is None and (sp := sequence.active("softmax")) is not None:
+            # a mesh with a `sequence` axis: all-gather / Ulysses (jaxllm.parallel.sequence)
+            o_BTHK = sequence.attention_sp(
+                q_BTHK, k_BTGK, v_BTGK, mesh=sp[0], impl=sp[1], segment_ids_BT=segment_ids_BT,
+                attn_impl=c.impl,
+            )  # fmt: skip
+        elif cache is None:
             o_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT=segment_ids_BT, impl=c.impl)
         else:
             end = cache["end"]
@@ -93,8 +114,11 @@ class Attention(nnx.Module):
                 impl=c.impl,
             )
             cache = {"k": k_BSGK, "v": v_BSGK, "end": end + t}
-        o_BTHK = constrain(o_BTHK, _ACT_Q)
-        return jnp.einsum("BTHK,HKD->BTD", o_BTHK, cast(self.wo, dt)), cache
+        o_BTHK = tag(constrain(o_BTHK, _ACT_Q), ATTN_OUT)
+        y_BTD = dense(o_BTHK, cast(self.wo, dt), "BTHK,HKD->BTD", name="o")
+        if c.out_bias:
+            y_BTD = y_BTD + cast(self.bo, dt)
+        return y_BTD, cache
 
 
 _ACT_Q = ("batch", "length", "act_heads", None)

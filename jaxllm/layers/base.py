@@ -3,12 +3,18 @@ logical axes, and dtype handling (float32 master weights, compute in `dtype`).""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from pydantic import BaseModel, ConfigDict, Field
+
+from jaxllm.precision import project
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
@@ -64,3 +70,52 @@ def param(
 
 def cast(p: nnx.Param, dtype) -> jax.Array:
     return p[...].astype(dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.Array:
+    """A dense projection ``einsum(eq, x, w)``, e.g. ``dense(x_BTD, w_DF, "BTD,DF->BTF")``.
+
+    Every weight projection of a layer (q/k/v/o, MLP, experts) goes through here so the train
+    step can run it in FP8 or ExMy (`jaxllm.precision.project`; plain einsum otherwise).
+    `eq` must be ``"x,w->y"`` with the contraction as the letters shared by x and w only.
+    `name` labels the projection's FP8 scaling state. Keep the embedding, the head, norms and
+    routers on plain `jnp.einsum`: they stay in high precision.
+    """
+    return project(x, w, eq, name=name)
+
+
+# Activations the remat policies (jaxllm.training.remat) refer to by name. MEMO (SIGMOD'25)
+# always offloads LAYER_INPUT and ATTN_OUT; of the others a fraction of tokens may be offloaded.
+LAYER_INPUT, ATTN_OUT = "layer_in", "attn_out"
+SKELETAL = ("mixer_in", "q", "k", "v", "mixer_out", "ffn_in", "mlp_hidden")
+_OFFLOAD_FRACTION: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "jaxllm_offload_fraction", default=0.0
+)
+
+
+@contextlib.contextmanager
+def token_split(fraction: float) -> Iterator[None]:
+    """While tracing inside: `tag` splits skeletal activations at ⌊fraction·T⌋ tokens."""
+    token = _OFFLOAD_FRACTION.set(fraction)
+    try:
+        yield
+    finally:
+        _OFFLOAD_FRACTION.reset(token)
+
+
+def tag(x_BT: jax.Array, name: str) -> jax.Array:
+    """Name an activation [B, T, ...] for remat policies (`checkpoint_name`).
+
+    Inside `token_split(α)` a skeletal activation's first ⌊α·T⌋ tokens are named
+    ``name + "_off"`` (offloaded by the `offload` policy) and the rest stay unnamed
+    (recomputed) — MEMO's token-wise split.
+    """
+    frac = _OFFLOAD_FRACTION.get()
+    if name in SKELETAL and 0.0 < frac:
+        cut = int(frac * x_BT.shape[1])
+        if cut >= x_BT.shape[1]:
+            return checkpoint_name(x_BT, name + "_off")
+        if cut > 0:
+            head = checkpoint_name(x_BT[:, :cut], name + "_off")
+            return jnp.concatenate([head, x_BT[:, cut:]], axis=1)
+    return checkpoint_name(x_BT, name)

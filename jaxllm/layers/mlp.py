@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.layers.base import LayerConfig, cast, param
+from jaxllm.layers.base import LayerConfig, cast, dense, param, tag
 from jaxllm.layers.registry import register_ffn
 from jaxllm.parallel.rules import constrain
 
@@ -32,7 +31,8 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = self.cfg.compute_dtype
         x_BTD = x_BTD.astype(dt)
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, cast(self.w_gate, dt))
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, cast(self.w_up, dt))
+        gate_BTF = dense(x_BTD, cast(self.w_gate, dt), "BTD,DF->BTF", name="gate")
+        up_BTF = dense(x_BTD, cast(self.w_up, dt), "BTD,DF->BTF", name="up")
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", h_BTF, cast(self.w_down, dt))
+        h_BTF = tag(h_BTF, "mlp_hidden")
+        return dense(h_BTF, cast(self.w_down, dt), "BTF,FD->BTD", name="down")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -10,8 +11,9 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers import registry
-from jaxllm.layers.base import DIM_FIELDS, cast, param
+from jaxllm.layers.base import DIM_FIELDS, LAYER_INPUT, cast, param, tag
 from jaxllm.layers.norms import RMSNorm
+from jaxllm.layers.srms import SRMSNorm
 from jaxllm.parallel.rules import constrain
 
 _ACT = ("batch", "length", "act_embed")
@@ -36,6 +38,16 @@ def layer_config(cfg: ModelConfig, entry: registry.Entry, options: dict, index: 
     return entry.config_cls(**{**dims, **options})
 
 
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The block / final norm `model.norm` names: RMSNorm, or TNL's scale-free SRMSNorm."""
+    cls = SRMSNorm if cfg.norm == "srms" else RMSNorm
+    return cls(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+
+
+def _uses_carry(mixer: nnx.Module) -> bool:
+    return bool(getattr(type(mixer), "uses_carry", False))
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(x))."""
 
@@ -43,22 +55,34 @@ class Block(nnx.Module):
         mixer_name = cfg.mixer_names()[index]
         mixer = registry.mixer(mixer_name)
         ffn = registry.ffn(cfg.ffn)
-        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mixer_norm = _norm(cfg, rngs)
         self.mixer = mixer.cls(
             layer_config(cfg, mixer, cfg.mixers.get(mixer_name, {}), index), rngs=rngs
         )
-        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.ffn_norm = _norm(cfg, rngs)
         self.ffn = ffn.cls(layer_config(cfg, ffn, cfg.ffns.get(cfg.ffn, {}), index), rngs=rngs)
 
-    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None):
+    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, carry=None):
+        # `carry` is a dict threaded through the blocks of one forward pass; only mixers that
+        # declare `uses_carry = True` (cross-layer KV sharing) see it, and they may read what an
+        # earlier layer wrote and write for later ones. Other mixers keep their signature.
+        extra = {"carry": {} if carry is None else carry} if _uses_carry(self.mixer) else {}
+        x_BTD = tag(x_BTD, LAYER_INPUT)
         h_BTD, cache = self.mixer(
-            self.mixer_norm(x_BTD),
+            tag(self.mixer_norm(x_BTD), "mixer_in"),
             positions_BT=positions_BT,
             segment_ids_BT=segment_ids_BT,
             cache=cache,
+            **extra,
         )
-        x_BTD = constrain(x_BTD + h_BTD.astype(x_BTD.dtype), _ACT)
-        x_BTD = x_BTD + self.ffn(self.ffn_norm(x_BTD)).astype(x_BTD.dtype)
+        x_BTD = tag(constrain(x_BTD + h_BTD.astype(x_BTD.dtype), _ACT), "mixer_out")
+        # Channel mixers that declare `uses_tokens` (hash-routed MoE) get the token ids.
+        ffn_extra = {}
+        if getattr(type(self.ffn), "uses_tokens", False):
+            ffn_extra = {"tokens_BT": (carry or {}).get("tokens_BT")}
+        x_BTD = x_BTD + self.ffn(tag(self.ffn_norm(x_BTD), "ffn_in"), **ffn_extra).astype(
+            x_BTD.dtype
+        )
         return constrain(x_BTD, _ACT), cache
 
 
@@ -77,7 +101,7 @@ class Decoder(nnx.Module):
             dtype=cfg.param_dtype,
         )  # fmt: skip
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.final_norm = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.head = param(
                 rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
@@ -95,21 +119,41 @@ class Decoder(nnx.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: list[Any] | None = None,
+        remat: Callable[[Callable], Callable] | None = None,
     ):
+        """remat: wraps the per-block function ``f(block, x_BTD, carry) -> (x_BTD, carry)``
+        (e.g. in `nnx.remat` with a checkpoint policy; see jaxllm.training.remat); training
+        only (no cache)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens_BT.shape
         if positions_BT is None:
             start = 0 if cache is None else cache[0]["end"]
             positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        x_BTD = constrain(jnp.take(cast(self.embed, dt), tokens_BT, axis=0), _ACT)
+        x_BTD = jnp.take(cast(self.embed, dt), tokens_BT, axis=0)
+        if cfg.scale_embedding:
+            x_BTD = x_BTD * jnp.asarray(cfg.d_model**0.5, dt)
+        x_BTD = constrain(x_BTD, _ACT)
         new_cache = []
-        for i, blk in enumerate(self.blocks):
+        carry: dict[str, Any] = {"tokens_BT": tokens_BT}
+        if remat is not None and cache is None:
+
+            def run(blk, x_BTD, carry):
+                carry = dict(carry)
+                x_BTD, _ = blk(x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                               carry=carry)  # fmt: skip
+                return x_BTD, carry
+
+            run = remat(run)
+            for blk in self.blocks:
+                x_BTD, carry = run(blk, x_BTD, carry)
+        for i, blk in enumerate(self.blocks if remat is None or cache is not None else ()):
             x_BTD, layer_cache = blk(
                 x_BTD,
                 positions_BT=positions_BT,
                 segment_ids_BT=segment_ids_BT,
                 cache=None if cache is None else cache[i],
+                carry=carry,
             )
             new_cache.append(layer_cache)
         x_BTD = self.final_norm(x_BTD)

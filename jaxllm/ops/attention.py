@@ -106,15 +106,19 @@ def attention(
             q_positions_BT, kv_positions_BS, segment_ids_BT, kv_segment_ids_BS, t, s, causal
         )
     dt = q_BTHK.dtype
-    out = jax.nn.dot_product_attention(
-        q_BTHK,
-        k_BSGK.astype(dt),
-        v_BSGV.astype(dt),
-        scale=scale,
-        mask=None if mask is None else mask[:, None],
-        is_causal=plain_causal and mask is None,
-        implementation=None if impl == "auto" else impl,
-    )
+    # With softmax's custom JVP the backward keeps its output only; jax's default (off) keeps
+    # the exp too: one more [B, H, T, S] fp32 per layer (-14 % XLA temp memory for the
+    # `default` preset's train step, same values; see benchmarks/maxtext_compare.py).
+    with jax.softmax_custom_jvp(True):
+        out = jax.nn.dot_product_attention(
+            q_BTHK,
+            k_BSGK.astype(dt),
+            v_BSGV.astype(dt),
+            scale=scale,
+            mask=None if mask is None else mask[:, None],
+            is_causal=plain_causal and mask is None,
+            implementation=None if impl == "auto" else impl,
+        )
     if mask is not None:
         # A query row with no allowed key (a padded decode slot) gives zeros, as the reference.
         out = jnp.where(jnp.any(mask, axis=-1)[..., None, None], out, 0)

@@ -20,8 +20,9 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: Rules = (
     # activations
-    ("batch", ("data", "fsdp")),
-    ("length", None),
+    # the expert axis also splits the batch outside the experts (as in MaxText)
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", "sequence"),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
@@ -35,6 +36,7 @@ DEFAULT_RULES: Rules = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("experts", "expert"),
 )
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
@@ -50,6 +52,12 @@ def use_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `use_rules` block (None outside one)."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
 
 
 def spec_for(

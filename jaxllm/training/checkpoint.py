@@ -6,10 +6,12 @@ complete, so `latest_step()` never returns a half-written checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -42,9 +44,18 @@ class Checkpointer:
             "state": ocp.args.StandardRestore(abstract_state),
             "meta": ocp.args.JsonRestore(),
         }
-        if data_iter is not None:
+        data_dir = self.directory / str(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if data_iter is not None and own.exists():
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iter is not None and not own.exists():
+            # Saved by another number of processes: every process's iterator state holds the
+            # same global batch index (jaxllm.data.pipeline deals round-robin), so any one fits.
+            saved = sorted(data_dir.glob("process_*-of-*.json"))
+            if not saved:
+                raise FileNotFoundError(f"no data-iterator state in {data_dir}")
+            data_iter.set_state(json.loads(saved[0].read_text()))
         return out["state"], out["meta"]
 
     def restore_params(self, step: int, abstract_state: Any) -> Any:

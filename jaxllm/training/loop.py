@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from jaxllm import config as config_lib
 from jaxllm.config import Config, ConfigError
@@ -24,7 +25,7 @@ from jaxllm.training.metrics import (
     read_metrics,
 )
 from jaxllm.training.state import Trainer
-from jaxllm.training.step import make_eval_step, make_train_step
+from jaxllm.training.step import make_eval_params, make_eval_step, make_train_step
 
 
 class StopFlag:
@@ -51,13 +52,19 @@ class StopFlag:
 
 
 def check_batch_layout(cfg: Config, mesh_sizes: dict[str, int]) -> None:
-    shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    # the expert axis also splits the batch (jaxllm.parallel.rules), when the mesh has one
+    shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes.get("expert", 1)
     micro = cfg.data.batch_size // cfg.train.microbatches
     if micro % shards:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} / train.microbatches="
             f"{cfg.train.microbatches} = {micro} sequences per micro-batch must be a multiple "
-            f"of the {shards} data × fsdp shards"
+            f"of the {shards} data × fsdp × expert shards"
+        )
+    if cfg.data.seq_len % mesh_sizes.get("sequence", 1):
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must divide over the "
+            f"{mesh_sizes['sequence']} parallel.mesh.sequence shards"
         )
     if cfg.data.batch_size % jax.process_count():
         raise ConfigError(
@@ -81,6 +88,11 @@ def evaluate(eval_step, params, batches, sharding) -> float:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes; returns a summary of the run."""
+    if cfg.checkpoint.init_from:
+        from jaxllm.interop import hf
+
+        # The imported checkpoint fixes the architecture (see `hf.config_for_init`).
+        cfg = hf.config_for_init(cfg)
     mesh_sizes = cfg.parallel.mesh.resolve(jax.device_count())
     check_batch_layout(cfg, mesh_sizes)
     run_dir = cfg.run_dir
@@ -92,6 +104,13 @@ def train(cfg: Config) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if data.tokenizer.vocab_size > cfg.model.vocab_size and not cfg.checkpoint.init_from:
+        # A file tokenizer's vocabulary flows into the model: the embedding grows to fit it
+        # (rounded up to a multiple of 128 for even shards). Imported weights fix their size.
+        vocab = -(-data.tokenizer.vocab_size // 128) * 128
+        print(f"model.vocab_size {cfg.model.vocab_size} -> {vocab} (tokenizer: "
+              f"{data.tokenizer.vocab_size} tokens)")  # fmt: skip
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab})})
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -102,6 +121,7 @@ def train(cfg: Config) -> dict:
     trainer = Trainer.create(cfg, mesh)
     train_step = make_train_step(trainer)
     eval_step = make_eval_step(trainer)
+    eval_params = make_eval_params(trainer)  # CO2: the stale average applied first
     if cfg.train.resume == "never" and (run_dir / "checkpoints").exists():
         # Starting over in the same folder: the old run's checkpoints would be resumed from
         # (or collide with) the new ones.
@@ -113,6 +133,12 @@ def train(cfg: Config) -> dict:
     resume_step = ckpt.latest_step() if cfg.train.resume == "auto" else None
     if resume_step is not None:
         state, _ = ckpt.restore(resume_step, trainer.abstract_state(), train_iter)
+    elif cfg.checkpoint.init_from:
+        from jaxllm.interop import hf
+
+        path = cfg.checkpoint.init_from.removeprefix("hf:")
+        params = hf.load_params(path, cfg.model, shardings=trainer.state_shardings["params"])
+        state = trainer.init_state_from(params)
     else:
         state = trainer.init_state(cfg.train.seed)
     (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
@@ -139,27 +165,29 @@ def train(cfg: Config) -> dict:
     t_last, steps_since = time.perf_counter(), 0
     step = start
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    k = trainer.steps_per_call  # steps per call: τ with CO2 (a round), else 1
     with StopFlag() as stop:
         while step < end and stop.signum is None:
-            batch = _global(next(train_iter), trainer.batch_sharding)
+            stack = k if trainer.round_sharding is not None else None
+            batch = _global(_next_batch(train_iter, stack), trainer.train_batch_sharding)
             state, metrics = train_step(state, batch)
-            step += 1
-            steps_since += 1
+            step += k
+            steps_since += k
             if pending is not None:
                 _log_train(pending, writer, progress)
                 pending = None
-            if step % cfg.logging.every == 0 or step == end:
+            if _crossed(step, k, cfg.logging.every) or step == end:
                 jax.block_until_ready(metrics)
                 now = time.perf_counter()
                 tps = steps_since * tokens_per_step / (now - t_last)
                 t_last, steps_since = now, 0
                 pending = (step, metrics, tps, flops_tok, peak_total)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                val = evaluate(eval_step, state["params"], val_batches, trainer.batch_sharding)
+            if _crossed(step, k, cfg.train.eval_every) and step < cfg.train.steps:
+                val = evaluate(eval_step, eval_params(state), val_batches, trainer.batch_sharding)
                 writer.write({"step": step, "val_loss": val})
                 progress.log(f"step {step:>6} | val_loss {val:.4f}")
                 t_last = time.perf_counter()
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            if _crossed(step, k, cfg.checkpoint.every):
                 ckpt.save(step, state, train_iter, {"step": step})
                 last_saved = step
         if pending is not None:
@@ -174,7 +202,7 @@ def train(cfg: Config) -> dict:
     stopped = stopped or step < cfg.train.steps
     summary = {"step": step, "stopped": stopped}
     if not stopped and step >= cfg.train.steps:
-        val = evaluate(eval_step, state["params"], val_batches, trainer.batch_sharding)
+        val = evaluate(eval_step, eval_params(state), val_batches, trainer.batch_sharding)
         writer.write({"step": step, "val_loss": val})
         progress.log(f"step {step:>6} | val_loss {val:.4f} (final)")
         summary["val_loss"] = val
@@ -187,6 +215,20 @@ def train(cfg: Config) -> dict:
     if not stopped and cfg.train.sample_lines:
         _print_samples(cfg, trainer, state["params"], data.tokenizer)
     return summary
+
+
+def _next_batch(train_iter, k: int | None) -> dict:
+    """The next batch, or with `k` given the next `k` stacked along a leading axis."""
+    if k is None:
+        return next(train_iter)
+    batches = [next(train_iter) for _ in range(k)]
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+
+def _crossed(step: int, k: int, every: int) -> bool:
+    """Whether the last `k` steps (ending at `step`) reached a multiple of `every` (0 = never);
+    for k = 1, ``step % every == 0``."""
+    return bool(every) and step // every > (step - k) // every
 
 
 def _log_train(pending, writer: MetricsWriter, progress: Progress) -> None:
@@ -227,10 +269,7 @@ def load_params_for_sampling(run_dir: Path):
     cfg = config_lib.load(str(run_dir / "config.yaml"), ())
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     trainer = Trainer.create(cfg, mesh)
-    if cfg.train.resume == "never" and (run_dir / "checkpoints").exists():
-        # Starting over in the same folder: the old run's checkpoints would be resumed from
-        # (or collide with) the new ones.
-        shutil.rmtree(run_dir / "checkpoints")
+    # Reading only: a run trained with train.resume=never keeps its checkpoints here.
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
     step = ckpt.latest_step()
     if step is None:

@@ -72,7 +72,9 @@ class MetricsWriter:
     """Appends metrics as JSON lines (and TensorBoard scalars when enabled)."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
+        # one writer per file: in a multi-process run the other processes keep their own
+        p = jax.process_index()
+        self.path = run_dir / ("metrics.jsonl" if p == 0 else f"metrics.process{p}.jsonl")
         if resume_step is None:
             self.path.write_text("")
         else:

@@ -19,9 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm import models
 from jaxllm.config import Config
 from jaxllm.optim import build_optimizer
+from jaxllm.optim import co2 as co2_lib
 from jaxllm.parallel.rules import sharding_for
+from jaxllm.precision import PrecisionSpec, record_delayed_keys
+from jaxllm.precision.fp8_optim import fp8_lm
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": {...}, "opt_state": optax state}
+# With optim.co2: "opt_state" has a leading replica axis and "co2" holds the outer state.
 
 
 @dataclass
@@ -68,11 +72,21 @@ class Trainer:
     schedule: optax.Schedule
     state_shardings: Any
     batch_sharding: NamedSharding
+    replicas: int = 1  # CO2: data-parallel replicas with their own local parameters
+    steps_per_call: int = 1  # CO2: one call of the train step runs a round of τ steps
+    round_sharding: NamedSharding | None = None  # CO2: of the train step's [τ, B, T] batches
+
+    @property
+    def train_batch_sharding(self) -> NamedSharding:
+        return self.round_sharding or self.batch_sharding
 
     @classmethod
     def create(cls, cfg: Config, mesh: Mesh) -> Trainer:
         model = Model.create(cfg)
         tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+        if cfg.precision.fp8 != "none":
+            # FP8-LM O1 / O2: FP8 gradients (and, O2, FP8 / 16-bit optimizer moments)
+            tx = fp8_lm(tx, cfg.precision.fp8_level)
         param_shardings = jax.tree.map(
             lambda a, x: sharding_for(a, x.shape, mesh),
             model.axes,
@@ -89,19 +103,43 @@ class Trainer:
             "params": param_shardings,
             "opt_state": opt_shardings,
         }
+        if cfg.precision.fp8 == "delayed":
+            fp8_state = jax.eval_shape(lambda: delayed_fp8_state(cfg, model))
+            state_shardings["fp8_state"] = jax.tree.map(lambda _: replicated, fp8_state)
         batch_sharding = sharding_for(
             ("batch", "length"), (cfg.data.batch_size, cfg.data.seq_len), mesh
         )
-        return cls(cfg, mesh, model, tx, schedule, state_shardings, batch_sharding)
+        if not cfg.optim.co2.enabled:
+            return cls(cfg, mesh, model, tx, schedule, state_shardings, batch_sharding)
+        # CO2: per-replica inner state and previous replicas, sharded over `data` (optim/co2.py).
+        tau, replicas = cfg.optim.co2.local_steps, mesh.shape[co2_lib.REPLICA_AXIS]
+        state_shardings["opt_state"] = co2_lib.per_replica_shardings(opt_shardings, mesh)
+        state_shardings["co2"] = {
+            "momentum": param_shardings,
+            "prev_start": co2_lib.per_replica_shardings(param_shardings, mesh),
+            "prev_local": co2_lib.per_replica_shardings(param_shardings, mesh),
+        }
+        round_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_sharding.spec))
+        return cls(
+            cfg, mesh, model, tx, schedule, state_shardings, batch_sharding, replicas, tau,
+            round_sharding,
+        )  # fmt: skip
+
+    def _fresh(self, params: dict) -> TrainState:
+        state = {"step": jnp.zeros((), jnp.int32), "params": params}
+        if self.cfg.precision.fp8 == "delayed":
+            state["fp8_state"] = delayed_fp8_state(self.cfg, self.model)
+        if not self.cfg.optim.co2.enabled:
+            return {**state, "opt_state": self.tx.init(params)}
+        r = self.replicas
+        local = jax.tree.map(lambda p: jnp.broadcast_to(p, (r, *p.shape)), params)
+        opt_state = jax.vmap(self.tx.init)(local)
+        return {**state, "opt_state": opt_state, "co2": co2_lib.init_co2_state(params, r)}
 
     def abstract_state(self) -> TrainState:
         def init():
             params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.model.abstract_params)
-            return {
-                "step": jnp.zeros((), jnp.int32),
-                "params": params,
-                "opt_state": self.tx.init(params),
-            }
+            return self._fresh(params)
 
         shapes = jax.eval_shape(init)
         return jax.tree.map(
@@ -117,13 +155,25 @@ class Trainer:
         def init():
             model = models.build(cfg_model, nnx.Rngs(params=seed))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            return {
-                "step": jnp.zeros((), jnp.int32),
-                "params": params,
-                "opt_state": self.tx.init(params),
-            }
+            return self._fresh(params)
 
         return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def init_state_from(self, params: dict) -> TrainState:
+        """A fresh state (step 0, new optimizer state) around given parameters, e.g. imported
+        ones already placed in `state_shardings["params"]`."""
+        return jax.jit(self._fresh, out_shardings=self.state_shardings)(params)
+
+
+def delayed_fp8_state(cfg: Config, model: Model) -> dict:
+    """Fresh delayed-scaling FP8 state (zero amax histories, unit scales) for every dense
+    projection of the model, found by tracing its forward pass once."""
+
+    def forward():
+        params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model.abstract_params)
+        model.merge(params)(jnp.zeros((1, min(cfg.data.seq_len, 8)), jnp.int32))
+
+    return record_delayed_keys(PrecisionSpec.from_config(cfg.precision), forward)
 
 
 def _mirror_shardings(abstract_opt: Any, abstract_params: dict, param_shardings: dict, mesh: Mesh):

@@ -12,7 +12,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm.parallel.rules import use_rules
+from jaxllm.optim import co2 as co2_lib
+from jaxllm.parallel.rules import DEFAULT_RULES, use_rules
+from jaxllm.parallel.sequence import use_impl
+from jaxllm.precision import PrecisionSpec, update_delayed_state, use_precision
+from jaxllm.training.remat import block_remat
 from jaxllm.training.state import Trainer, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] int32; loss_mask f32
@@ -50,16 +54,65 @@ def collect_sown(model: nnx.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
     return aux, {k: jnp.mean(jnp.stack([jnp.mean(v) for v in vs])) for k, vs in metrics.items()}
 
 
-def _forward_loss(trainer: Trainer, params: dict, mb: Batch):
+UPDATE_KEY = "update:"
+
+
+def layer_updates(model: nnx.Module) -> dict[str, jax.Array]:
+    """What layers sowed as `update_<param>` (before `collect_sown` pops it): an additive
+    update of their own parameter `<param>` that the train step applies after the optimizer,
+    for state the layer owns rather than the optimizer (the aux-loss-free router bias of
+    `jaxllm.layers.moe`). Keyed `"update:" + the parameter's '/'-joined path`."""
+    out: dict[str, jax.Array] = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Intermediate)):
+        names = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", "")))) for p in path]
+        i = next((i for i, n in enumerate(names) if n.startswith("update_")), None)
+        if i is not None:
+            key = UPDATE_KEY + "/".join([*names[:i], names[i].removeprefix("update_")])
+            out[key] = out[key] + value if key in out else value
+    return out
+
+
+def apply_layer_updates(old: dict, new: dict, metrics: dict) -> tuple[dict, dict]:
+    """(params, metrics): pop the `"update:"` entries of `metrics` (micro-batch means) and set
+    each named parameter to its pre-step value plus the update (the optimizer's own step for it,
+    zero-gradient anyway, is discarded)."""
+    metrics = dict(metrics)
+    for key in [k for k in metrics if k.startswith(UPDATE_KEY)]:
+        delta = metrics.pop(key)
+        parts = key.removeprefix(UPDATE_KEY).split("/")
+
+        new = _put_update(old, new, parts, delta)
+    return new, metrics
+
+
+def _put_update(old: dict, new: dict, parts: list[str], delta: jax.Array) -> dict:
+    """`new` with the leaf at `parts` replaced by old leaf + delta (dicts copied on the way)."""
+    k = next(k for k in new if str(k) == parts[0])
+    out = dict(new)
+    if len(parts) == 1:
+        out[k] = old[k] + delta.astype(old[k].dtype)
+    else:
+        out[k] = _put_update(old[k], new[k], parts[1:], delta)
+    return out
+
+
+def _forward_loss(trainer: Trainer, params: dict, mb: Batch, fp8_state: dict | None = None):
     """(objective, sums) for one micro-batch, all summed over its tokens.
 
     objective = NLL + z_loss · log(Z)² + aux; `sums` = {"nll", "z", "aux"} token sums and
-    `metrics`, the layers' own (averaged over layers).
+    `metrics`, the layers' own (averaged over layers). The projections run in
+    `cfg.precision` (with `fp8_state` for delayed FP8 scaling), the blocks under `train.remat`.
     """
-    model = trainer.model.merge(params)
-    logits = model(mb["inputs"], positions_BT=mb["positions"], segment_ids_BT=mb["segment_ids"])
+    t = trainer.cfg.train
+    with use_precision(PrecisionSpec.from_config(trainer.cfg.precision), fp8_state):
+        model = trainer.model.merge(params)
+        logits = model(mb["inputs"], positions_BT=mb["positions"],
+                       segment_ids_BT=mb["segment_ids"],
+                       remat=block_remat(t.remat, t.offload_fraction))  # fmt: skip
     total, z = cross_entropy(logits, mb["targets"], mb["loss_mask"], trainer.cfg.train.z_loss)
+    updates = layer_updates(model)
     aux, layer_metrics = collect_sown(model)
+    layer_metrics.update(updates)
     # Auxiliary losses are per-token means: weight them by this micro-batch's tokens so the
     # final division by the global token count averages them like the main loss.
     aux_sum = aux * jnp.sum(mb["loss_mask"])
@@ -74,35 +127,51 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
     batch is split into `train.microbatches` (token sums are accumulated, then divided once).
     """
     cfg = trainer.cfg
+    if cfg.optim.co2.enabled:
+        return _make_co2_step(trainer)
     n_micro = cfg.train.microbatches
-    grad_fn = jax.value_and_grad(lambda p, mb: _forward_loss(trainer, p, mb), has_aux=True)
+    # Differentiated in the delayed-FP8 state too: its "gradient" is the recorded amax
+    # histories (jaxllm.precision.fp8), the state is None otherwise.
+    grad_fn = jax.value_and_grad(
+        lambda p, f, mb: _forward_loss(trainer, p, mb, f), argnums=(0, 1), has_aux=True
+    )
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
+        fp8_state = state.get("fp8_state")
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         if n_micro == 1:
-            (_, (sums, layer_metrics)), grads = grad_fn(params, batch)
+            (_, (sums, layer_metrics)), (grads, fp8_rec) = grad_fn(params, fp8_state, batch)
         else:
             micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
 
             def body(carry, mb):
-                g_acc, s_acc = carry
-                (_, (s, lm)), g = grad_fn(params, mb)
+                g_acc, s_acc, f_acc = carry
+                (_, (s, lm)), (g, f) = grad_fn(params, fp8_state, mb)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (g_acc, jax.tree.map(jnp.add, s_acc, s)), lm
+                # amax histories of the micro-batches: their max is the whole batch's
+                f_acc = jax.tree.map(jnp.maximum, f_acc, f)
+                return (g_acc, jax.tree.map(jnp.add, s_acc, s), f_acc), lm
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll", "z", "aux")}
-            (grads, sums), lms = jax.lax.scan(body, (zeros, sums0), micro)
+            f0 = jax.tree.map(jnp.zeros_like, fp8_state)
+            (grads, sums, fp8_rec), lms = jax.lax.scan(body, (zeros, sums0, f0), micro)
             layer_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), lms)
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = trainer.tx.update(grads, state["opt_state"], params)
+        new_params, layer_metrics = apply_layer_updates(
+            params, optax.apply_updates(params, updates), layer_metrics
+        )
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
+            "params": new_params,
             "opt_state": opt_state,
         }
+        if fp8_state is not None:
+            margin = cfg.precision.margin
+            new_state["fp8_state"] = update_delayed_state(fp8_state, fp8_rec, margin)
         metrics = {
             **layer_metrics,
             "loss": sums["nll"] / n_tokens,
@@ -124,6 +193,53 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
     return _under_rules(trainer, jitted)
 
 
+def _make_co2_step(trainer: Trainer):
+    """`step(state, batches [τ, B, T]) -> (state, metrics)`: one CO2 round (optim/co2.py).
+
+    Metrics are the round's: loss = token-weighted mean over its τ steps and all replicas,
+    grad_norm = mean over steps and replicas of each replica's gradient norm, lr = the last
+    local step's, outer_norm = the norm of the outer pseudo-gradient.
+    """
+    cfg = trainer.cfg
+    grad_fn = jax.grad(lambda p, mb: _forward_loss(trainer, p, mb), has_aux=True)
+
+    def local_grad(params, mb, norm):
+        grads, (sums, layer_metrics) = grad_fn(params, mb)
+        return jax.tree.map(lambda g: g / norm, grads), {"sums": sums, "layer": layer_metrics}
+
+    local_shardings = trainer.state_shardings["co2"]["prev_local"]
+
+    def step(state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
+        new_state, m = co2_lib.co2_round(
+            local_grad, trainer.tx, cfg.optim.co2, state, batches, trainer.replicas,
+            local_shardings,
+        )  # fmt: skip
+        n_tokens = jnp.maximum(jnp.sum(m["tokens"]), 1.0)
+        sums = jax.tree.map(jnp.sum, m["sums"])
+        # Layers' own parameter updates ("update:" entries) are not applied per replica.
+        layer = {k: jnp.mean(v) for k, v in m["layer"].items() if not k.startswith("update:")}
+        metrics = {
+            **layer,
+            "loss": sums["nll"] / n_tokens,
+            "z_loss": sums["z"] / n_tokens,
+            "aux_loss": sums["aux"] / n_tokens,
+            "grad_norm": jnp.mean(m["grad_norm"]),
+            "lr": trainer.schedule(new_state["step"] - 1),
+            "tokens": n_tokens,
+            "outer_norm": m["outer_norm"],
+        }
+        return new_state, metrics
+
+    replicated = NamedSharding(trainer.mesh, PartitionSpec())
+    jitted = jax.jit(
+        step,
+        in_shardings=(trainer.state_shardings, trainer.train_batch_sharding),
+        out_shardings=(trainer.state_shardings, replicated),
+        donate_argnums=0,
+    )
+    return _under_rules(trainer, jitted, co2_lib.replica_rules(DEFAULT_RULES))
+
+
 def make_eval_step(trainer: Trainer) -> Callable[[dict, Batch], dict]:
     """`eval(params, batch) -> {"loss_sum", "tokens"}` (sum, so batches combine exactly)."""
 
@@ -140,17 +256,31 @@ def make_eval_step(trainer: Trainer) -> Callable[[dict, Batch], dict]:
     return _under_rules(trainer, jitted)
 
 
-def _under_rules(trainer: Trainer, fn: Callable) -> Callable:
+def make_eval_params(trainer: Trainer) -> Callable[[dict], dict]:
+    """`eval_params(state) -> params` to evaluate: the params, or with a stale CO2 average the
+    outer params after consuming the pending all-reduce (`co2.flush`), so an evaluation sees
+    every finished local step rather than lagging one round behind."""
+    c = trainer.cfg.optim.co2
+    if not (c.enabled and c.stale):
+        return lambda state: state["params"]
+    jitted = jax.jit(
+        lambda params, co2: co2_lib.flush(c, params, co2),
+        out_shardings=trainer.state_shardings["params"],
+    )
+    return lambda state: jitted(state["params"], state["co2"])
+
+
+def _under_rules(trainer: Trainer, fn: Callable, rules=DEFAULT_RULES) -> Callable:
     """Trace `fn` with the logical-axis rules active so activations get constrained."""
 
     def wrapped(*args: Any):
-        with use_rules(trainer.mesh):
+        with use_rules(trainer.mesh, rules), use_impl(trainer.cfg.parallel.sequence_impl):
             return fn(*args)
 
-    wrapped.lower = lambda *a: _lower(trainer, fn, *a)  # type: ignore[attr-defined]
+    wrapped.lower = lambda *a: _lower(trainer, fn, *a, rules=rules)  # type: ignore[attr-defined]
     return wrapped
 
 
-def _lower(trainer: Trainer, fn, *args):
-    with use_rules(trainer.mesh):
+def _lower(trainer: Trainer, fn, *args, rules=DEFAULT_RULES):
+    with use_rules(trainer.mesh, rules), use_impl(trainer.cfg.parallel.sequence_impl):
         return fn.lower(*args)

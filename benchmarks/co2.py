@@ -1,0 +1,97 @@
+"""Does CO2 reach the loss of synchronous data parallelism? Loss curves of a tiny model.
+
+    python benchmarks/co2.py [--steps 192] [--taus 4,12,48] [--replicas 4] [key=value ...]
+
+Trains the same tiny model on the default corpus (same data order, same seed) once with
+synchronous data parallelism and once per τ with CO2 (τ local AdamW steps per replica, outer
+momentum, one-round-stale average), on CPU devices split into `--replicas` data-parallel
+replicas. Checks that every run's loss is finite and falls, prints the curves side by side
+and writes JSON to benchmarks/results/co2.json. With a stale average the val loss is that of
+the outer params after the pending all-reduce is consumed (`jaxllm.optim.co2.flush`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+from jaxllm import config  # noqa: E402
+from jaxllm.training.loop import train  # noqa: E402
+
+TINY = [
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_ff=192", "model.vocab_size=260", "model.max_seq_len=64", "model.dtype=float32",
+    "data.seq_len=64", "data.batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=10",
+    "train.eval_batches=4", "train.sample_lines=0", "checkpoint.every=0",
+    "logging.tensorboard=false", "logging.plot=false", "logging.progress=lines",
+]  # fmt: skip
+
+
+def run(name: str, overrides: list[str], steps: int, every: int, replicas: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config.load(
+            "default",
+            [*TINY, f"train.steps={steps}", f"logging.every={every}",
+             f"train.eval_every={steps // 4}", f"parallel.mesh.data={replicas}",
+             f"parallel.mesh.fsdp={jax.device_count() // replicas}",
+             f"train.run_dir={tmp}", *overrides],
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        out = train(cfg)
+        seconds = time.perf_counter() - t0
+    train_curve = [(r["step"], r["loss"]) for r in out["records"] if "loss" in r]
+    val_curve = [(r["step"], r["val_loss"]) for r in out["records"] if "val_loss" in r]
+    losses = [x for _, x in train_curve]
+    if not all(math.isfinite(x) for x in losses) or losses[-1] >= losses[0]:
+        sys.exit(f"{name}: the loss did not fall ({losses[0]:.3f} → {losses[-1]:.3f})")
+    return {"name": name, "train": train_curve, "val": val_curve, "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=192)
+    ap.add_argument("--taus", default="4,12,48")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--out", default="benchmarks/results/co2.json")
+    ap.add_argument("--no-sync", action="store_true", help="skip the synchronous baseline")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    every = 4
+    runs = [] if args.no_sync else [run("sync", args.overrides, args.steps, every, args.replicas)]
+    for tau in (int(t) for t in args.taus.split(",")):
+        co2 = ["optim.co2.enabled=true", f"optim.co2.local_steps={tau}"]
+        runs.append(run(f"co2 τ={tau}", [*co2, *args.overrides], args.steps, every, args.replicas))
+
+    steps = sorted({s for r in runs for s, _ in r["train"]})
+    table = {r["name"]: dict(r["train"]) for r in runs}
+    print("train loss (CO2: mean over each round's local steps)")
+    print("step  " + "".join(f"{r['name']:>12}" for r in runs))
+    for s in steps:
+        cells = [table[r["name"]].get(s) for r in runs]
+        if any(c is not None for c in cells) and (s % (every * 4) == 0 or s == steps[-1]):
+            print(f"{s:>4}  " + "".join(f"{c:>12.4f}" if c else f"{'':>12}" for c in cells))
+    print("val loss")
+    for r in runs:
+        print(f"  {r['name']:>10}: " + "  ".join(f"{s}:{v:.4f}" for s, v in r["val"])
+              + f"   ({r['seconds']:.0f} s)")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "replicas": args.replicas,
+                               "overrides": args.overrides, "runs": runs}, indent=1))  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

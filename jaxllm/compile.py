@@ -1,0 +1,270 @@
+"""Compile a preset's train step for a TPU topology from any host (ahead of time).
+
+`python -m jaxllm.compile PRESET --topology NAME [key.sub=value ...]`
+
+NAME is a Cloud TPU name (`v5e-16`, `v5p-128`, `v6e-256`; for v4 / v5p the number counts
+TensorCores, two per chip, as the Cloud names do) or jax's `GEN:AxB[xC]` chip grid (`v5e:4x4`,
+`v5p:2x2x1`). Needs libtpu (the `tpu` extra: `pip install -e .[tpu]`) but no TPU: jax builds
+the topology's devices from a description, the mesh comes from `parallel.mesh`, and the real
+train step (`jaxllm.training.step.make_train_step`) is lowered on abstract state and compiled.
+Prints the mesh, per-chip memory (arguments, temporaries, total vs the chip's HBM) and FLOPs
+per step. Exit codes: 0 fits, 3 does not fit, 2 bad preset / topology / key, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+
+USAGE = "python -m jaxllm.compile PRESET --topology NAME [key.sub=value ...]"
+
+EXIT_FITS, EXIT_ERROR, EXIT_USAGE, EXIT_OOM = 0, 1, 2, 3
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Chip:
+    hbm_bytes: int  # usable HBM of one chip
+    cores_per_chip: int  # in the Cloud name's count (megacore generations count 2)
+    dims: int  # torus dimensions of the chip grid
+    peak_bf16_flops: float  # per chip, for the step-time lower bound
+
+
+# HBM per chip: the Cloud TPU system-architecture pages (v4 32 GiB, v5e 16 GiB, v5p 95 GiB,
+# v6e Trillium 32 GiB); peak dense bf16 FLOP/s per chip from the same pages.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip(32 * GiB, 2, 3, 275e12),
+    "v5e": Chip(16 * GiB, 1, 2, 197e12),
+    "v5p": Chip(95 * GiB, 2, 3, 459e12),
+    "v6e": Chip(32 * GiB, 1, 2, 918e12),
+}
+
+
+class TopologyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Topology:
+    generation: str
+    grid: tuple[int, ...]  # chips along each torus dimension
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def chip(self) -> Chip:
+        return CHIPS[self.generation]
+
+    @property
+    def jax_name(self) -> str:
+        return f"{self.generation}:" + "x".join(map(str, self.grid))
+
+
+def _balanced_grid(chips: int, dims: int) -> tuple[int, ...]:
+    """Powers-of-two grid with `chips` chips, as square as possible, small dims first
+    (`v5e:4x8`, `v5p:4x4x8`), the shapes Cloud TPU slices come in."""
+    if chips < 1 or chips & (chips - 1):
+        raise TopologyError(f"{chips} chips: slices come in powers of two")
+    grid = [1] * dims
+    for _ in range(int(math.log2(chips))):
+        grid[grid.index(min(grid))] *= 2
+    return tuple(sorted(grid))
+
+
+def parse_topology(name: str) -> Topology:
+    """`v5e-16` / `v5p-128` (Cloud names) or `v5e:4x4` / `v5p:2x2x1` (jax's)."""
+    m = re.fullmatch(r"(v\d+[a-z]*)[:\-](.+)", name.strip().lower())
+    if not m or m.group(1) not in CHIPS:
+        known = ", ".join(CHIPS)
+        raise TopologyError(f"unknown topology {name!r}: use GEN-N or GEN:AxB[xC], GEN in {known}")
+    gen, rest = m.groups()
+    chip = CHIPS[gen]
+    if ":" in name:
+        if not re.fullmatch(r"\d+(x\d+)+", rest):
+            raise TopologyError(f"topology {name!r}: the grid looks like 4x4 or 2x2x1")
+        grid = tuple(int(d) for d in rest.split("x"))
+        if len(grid) != chip.dims or min(grid) < 1:
+            raise TopologyError(f"topology {name!r}: {gen} grids have {chip.dims} dimensions")
+        return Topology(gen, grid)
+    if not rest.isdigit() or int(rest) % chip.cores_per_chip:
+        raise TopologyError(f"topology {name!r}: GEN-N with N a count of {gen} cores")
+    return Topology(gen, _balanced_grid(int(rest) // chip.cores_per_chip, chip.dims))
+
+
+def topology_devices(topo: Topology) -> list:
+    """The devices of `topo`, built from its description (libtpu, no TPU needed)."""
+    import os
+
+    from jax.experimental import topologies
+
+    # Only descriptions are built here (no TPU is touched), so several compiles (test workers,
+    # a compile next to a run) may share libtpu instead of failing on its lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Hosts hold a 2x2 block of chips (4 per host) on every generation listed here.
+    per_host = (2, 2, 1) if topo.chips >= 4 else (*topo.grid, 1)[:3]
+    chip_config = "megacore" if topo.chip.cores_per_chip == 2 else "default"
+    desc = topologies.get_topology_desc(
+        topology_name=topo.jax_name,
+        platform="tpu",
+        chip_config_name=chip_config,
+        chips_per_host_bounds=per_host,
+        num_slices=1,
+    )
+    return list(desc.devices)
+
+
+def tpu_available() -> bool:
+    """Whether libtpu is importable, i.e. topologies can be compiled for."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Report:
+    topology: Topology
+    mesh: dict[str, int]
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    flops_per_chip: float
+
+    @property
+    def total_bytes(self) -> int:
+        # Donated state is aliased to the outputs: counted once.
+        return (
+            self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes
+        )  # fmt: skip
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.topology.chip.hbm_bytes
+
+    def lines(self) -> list[str]:
+        hbm = self.topology.chip.hbm_bytes
+        gib = lambda b: f"{b / GiB:8.2f} GiB"
+        total_flops = self.flops_per_chip * self.topology.chips
+        bound = self.flops_per_chip / self.topology.chip.peak_bf16_flops
+        return [
+            f"topology     {self.topology.jax_name} ({self.topology.chips} chips, "
+            f"{hbm / GiB:.0f} GiB HBM each)",
+            f"mesh         {self.mesh}",
+            "memory per chip",
+            f"  arguments   {gib(self.argument_bytes)}",
+            f"  outputs     {gib(self.output_bytes)}  (aliased: {gib(self.alias_bytes)})",
+            f"  temporaries {gib(self.temp_bytes)}",
+            f"  code        {gib(self.code_bytes)}",
+            f"  total       {gib(self.total_bytes)}  of {gib(hbm)} "
+            f"({100 * self.total_bytes / hbm:.1f}%)",
+            f"flops/step   {self.flops_per_chip:.4g} per chip, {total_flops:.4g} in all "
+            f"(>= {bound * 1e3:.1f} ms at peak bf16)",
+            "fits" if self.fits else "DOES NOT FIT",
+        ]
+
+
+def compile_for(cfg, topo: Topology) -> Report:
+    """Lower and compile `cfg`'s train step on `topo`; the memory and FLOPs it needs."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    from jaxllm.parallel.mesh import make_mesh
+    from jaxllm.training.loop import check_batch_layout
+    from jaxllm.training.state import Trainer
+    from jaxllm.training.step import make_train_step
+
+    devices = topology_devices(topo)
+    sizes = cfg.parallel.mesh.resolve(len(devices))
+    check_batch_layout(cfg, sizes)
+    try:
+        mesh = make_mesh(sizes, devices=devices)
+    except NotImplementedError:
+        # jax's torus-aware layout knows no mapping for these axis sizes (e.g. an expert axis
+        # of 8 on a 4x4x4 slice): devices in id order, which keeps neighbours along the last axis
+        arr = np.asarray(devices).reshape(tuple(sizes.values()))
+        mesh = Mesh(arr, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+    trainer = Trainer.create(cfg, mesh)
+    state = trainer.abstract_state()
+    lead = (trainer.steps_per_call,) if trainer.steps_per_call > 1 else ()
+    shape = (*lead, cfg.data.batch_size, cfg.data.seq_len)
+    sharding = trainer.train_batch_sharding
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=sharding)
+        for k in ("inputs", "targets", "segment_ids", "positions")
+    }
+    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=sharding)
+    compiled = make_train_step(trainer).lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return Report(
+        topology=topo,
+        mesh=dict(mesh.shape),
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        flops_per_chip=float((cost or {}).get("flops", 0.0)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE + "\n\n" + __doc__.split("\n", 4)[4].strip())
+        return EXIT_FITS
+    topo_name = None
+    rest = []
+    it = iter(argv)
+    for a in it:
+        if a == "--topology":
+            topo_name = next(it, None)
+        elif a.startswith("--topology="):
+            topo_name = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    bad = [a for a in rest if a.startswith("--")]
+    if topo_name is None or bad or not rest or "=" in rest[0]:
+        print(f"error: {'unknown option ' + bad[0] if bad else 'usage'}: {USAGE}", file=sys.stderr)
+        return EXIT_USAGE
+    preset, overrides = rest[0], rest[1:]
+
+    from jaxllm import config
+
+    try:
+        topo = parse_topology(topo_name)
+        cfg = config.load(preset, overrides)
+    except (TopologyError, config.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not tpu_available():
+        print("error: compiling for TPU needs libtpu: pip install 'jaxllm[tpu]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = compile_for(cfg, topo)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # XLA reports HBM exhaustion at compile time on some versions
+        if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+            print(f"{cfg.name} on {topo.jax_name}: DOES NOT FIT\n{str(e)[:2000]}")
+            return EXIT_OOM
+        raise
+    print(f"{cfg.name} on {topo.jax_name}")
+    print("\n".join(report.lines()))
+    return EXIT_FITS if report.fits else EXIT_OOM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

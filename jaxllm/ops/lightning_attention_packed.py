@@ -1,0 +1,165 @@
+"""Lightning attention over packed rows: the state is reset wherever the segment id changes.
+
+Per batch row and head, with λ = exp(log_decay), no 1/√K scaling, and r_t = 1 when token t
+starts a new document (t > 0 and seg_t ≠ seg_{t−1}):
+
+    S_t = (1 − r_t) λ S_{t−1} + k_tᵀ v_t,    o_t = q_t S_t,    S_{−1} = initial_state,
+
+so no document sees the state of the one before it. The initial state continues into the
+row's first document (a decode prefix continues the same document).
+
+- `lightning_attention_packed_reference`: the token-by-token recurrence (`lax.scan`), float32.
+- the chunked form (`impl="xla"`): Lightning Attention-2's blocks, with the intra-chunk decay
+  matrix multiplied by a same-document mask, a chunk's incoming state read only by the tokens
+  of the document it belongs to, and the carried state dropped when a chunk contains a reset.
+  Documents are told apart by the count of resets so far (`run_BT`), never by raw ids, so
+  rows like 1 1 2 2 0 0 (padding after the last document) are handled. Every decay factor is
+  λ^j with j ≥ 0.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+IMPLS = ("reference", "xla", "auto")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def document_runs(segment_ids_BT):
+    """[B, T] ids → [B, T] int32: how many document starts precede each token (0 at t = 0)."""
+    change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    zeros_B1 = jnp.zeros((segment_ids_BT.shape[0], 1), jnp.int32)
+    return jnp.concatenate([zeros_B1, jnp.cumsum(change_BT, axis=1, dtype=jnp.int32)], axis=1)
+
+
+def _log_decay_H(log_decay, H):
+    if log_decay is None:
+        return jnp.zeros((H,), jnp.float32)
+    return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (H,))
+
+
+def _state(initial_state, B, H, K, V):
+    if initial_state is None:
+        return jnp.zeros((B, H, K, V), jnp.float32)
+    return initial_state.astype(jnp.float32)
+
+
+def lightning_attention_packed_reference(
+    q, k, v, log_decay, segment_ids, *, initial_state=None, return_final_state=False
+):
+    """The recurrence with resets, token by token in float32. Arguments as
+    `lightning_attention_packed`."""
+    B, _T, H, K = q.shape
+    V = v.shape[-1]
+    lam_H = jnp.exp(_log_decay_H(log_decay, H))
+    run_BT = document_runs(segment_ids)
+    keep_BT = jnp.concatenate(
+        [jnp.ones((B, 1), jnp.float32), (run_BT[:, 1:] == run_BT[:, :-1]).astype(jnp.float32)],
+        axis=1,
+    )
+
+    def step(S_BHKV, xs):
+        q_BHK, k_BHK, v_BHV, keep_B = xs
+        S_BHKV = keep_B[:, None, None, None] * lam_H[None, :, None, None] * S_BHKV
+        S_BHKV = S_BHKV + jnp.einsum("BHK,BHV->BHKV", k_BHK, v_BHV)
+        return S_BHKV, jnp.einsum("BHK,BHKV->BHV", q_BHK, S_BHKV)
+
+    xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, keep_BT))
+    S_BHKV, o_TBHV = lax.scan(step, _state(initial_state, B, H, K, V), xs)
+    o_BTHV = jnp.moveaxis(o_TBHV, 0, 1).astype(q.dtype)
+    return (o_BTHV, S_BHKV) if return_final_state else o_BTHV
+
+
+def _chunked(q, k, v, g_H, run_BT, S0_BHKV, C):
+    """Chunks of C tokens; returns (o [B, T, H, V] float32, final state)."""
+    B, T, H, _K = q.shape
+    V = v.shape[-1]
+    N = -(-T // C)
+    pad = N * C - T
+
+    def chunk(x):
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(B, N, C, *x.shape[2:])
+
+    q_BNCHK, k_BNCHK, v_BNCHV = chunk(q), chunk(k), chunk(v)
+    # Padding repeats the last token's run, so the tail's (zero) keys never cause a reset.
+    run_BNC = jnp.pad(run_BT, ((0, 0), (0, pad)), mode="edge").reshape(B, N, C)
+    prev_BN = jnp.concatenate([run_BNC[:, :1, 0], run_BNC[:, :-1, -1]], axis=1)
+    last_BN = run_BNC[:, :, -1]
+    L_N = np.clip(T - C * np.arange(N), 0, C)
+
+    j = np.arange(C)
+    dist_CS = j[:, None] - j[None, :]
+    decay_HCS = jnp.where(dist_CS >= 0, jnp.exp(g_H[:, None, None] * np.maximum(dist_CS, 0)), 0.0)
+    same_BNCS = run_BNC[..., :, None] == run_BNC[..., None, :]
+    scores_BNHCS = jnp.einsum("BNCHK,BNSHK->BNHCS", q_BNCHK, k_BNCHK)
+    scores_BNHCS = scores_BNHCS * decay_HCS * same_BNCS[:, :, None]
+    o_BNCHV = jnp.einsum("BNHCS,BNSHV->BNCHV", scores_BNHCS, v_BNCHV)
+
+    # What chunk n adds to the state: keys of the chunk's last document, decayed to its end.
+    k_power_NC = np.maximum(L_N[:, None] - 1 - j[None, :], 0)
+    k_decay_NCH = jnp.exp(g_H * k_power_NC[..., None])
+    k_keep_BNC = (run_BNC == last_BN[..., None]).astype(jnp.float32)
+    k_BNCHK = k_BNCHK * k_decay_NCH[None, ..., None] * k_keep_BNC[..., None, None]
+    M_BNHKV = jnp.einsum("BNCHK,BNCHV->BNHKV", k_BNCHK, v_BNCHV)
+    # The incoming state survives the chunk only if no document starts inside it.
+    a_BNH = jnp.exp(g_H * L_N[:, None])[None] * (prev_BN == last_BN)[..., None]
+
+    def carry(S_BHKV, xs):
+        a_BH, M_BHKV = xs
+        return a_BH[..., None, None] * S_BHKV + M_BHKV, S_BHKV
+
+    S_BHKV, S_NBHKV = lax.scan(
+        carry, S0_BHKV, (jnp.moveaxis(a_BNH, 1, 0), jnp.moveaxis(M_BNHKV, 1, 0))
+    )
+    # Only the tokens of the incoming state's document read it.
+    q_keep_BNC = (run_BNC == prev_BN[..., None]).astype(jnp.float32)
+    q_decay_CH = jnp.exp(g_H * (j[:, None] + 1))
+    q_BNCHK = q_BNCHK * q_decay_CH[..., None] * q_keep_BNC[..., None, None]
+    o_BNCHV = o_BNCHV + jnp.einsum("BNCHK,NBHKV->BNCHV", q_BNCHK, S_NBHKV)
+    return o_BNCHV.reshape(B, N * C, H, V)[:, :T], S_BHKV
+
+
+def lightning_attention_packed(
+    q,
+    k,
+    v,
+    log_decay,
+    segment_ids,
+    *,
+    initial_state=None,
+    return_final_state=False,
+    chunk_size=None,
+    impl="auto",
+):
+    """Lightning attention whose state is reset at every change of `segment_ids`.
+
+    Args:
+      q, k: [B, T, H, K].  v: [B, T, H, V].
+      log_decay: [H], log λ ≤ 0 per head; None for no decay.
+      segment_ids: [B, T] int, a document id per token (any values; a change = a new document).
+      initial_state: [B, H, K, V], the state before the row's first document continues.
+      return_final_state: also return the state after the last token.
+      chunk_size: tokens per chunk for impl="xla" (default 64); any T works.
+      impl: "reference" (scan), "xla" (chunked) or "auto" (= "xla").
+
+    Returns:
+      o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"segment_ids must be [B, T] = {q.shape[:2]}, got {segment_ids.shape}")
+    if impl == "reference":
+        return lightning_attention_packed_reference(
+            q, k, v, log_decay, segment_ids, initial_state=initial_state,
+            return_final_state=return_final_state,
+        )  # fmt: skip
+    B, T, H, K = q.shape
+    C = max(1, min(int(chunk_size or DEFAULT_CHUNK_SIZE), T))
+    o_BTHV, S_BHKV = _chunked(
+        q, k, v, _log_decay_H(log_decay, H), document_runs(segment_ids),
+        _state(initial_state, B, H, K, v.shape[-1]), C,
+    )  # fmt: skip
+    o_BTHV = o_BTHV.astype(q.dtype)
+    return (o_BTHV, S_BHKV) if return_final_state else o_BTHV

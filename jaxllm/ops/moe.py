@@ -1,0 +1,202 @@
+"""Computing the routed experts of a mixture of experts: y_t = Σ_k w_tk · FFN_{e_tk}(x_t).
+
+Experts are SwiGLU FFNs held in *size groups*: a list of `(w_gate_EDF, w_up_EDF, w_down_EFD)`
+stacks, expert ids numbered group after group. Every expert of one group has the same width
+F; HMoE's heterogeneous experts are several groups, so no expert is padded to the largest.
+
+Three ways to compute the same thing:
+  reference  every expert on every token, combined with a dense [T, E] weight matrix (float32,
+             for tests; cost E/K times the routed FLOPs).
+  dropless   sort token copies by expert, one grouped matmul (`jax.lax.ragged_dot`) per size
+             group, unsort — nothing is dropped and no slot is padded.
+  blocked    dropless too, each expert's rows padded to whole blocks, one batched matmul over
+             the blocks with gathered weights (fast where ragged_dot lowers to dense).
+  capacity   a fixed [E, C, D] buffer (C slots per expert, from `moe_routing.apply_capacity`),
+             dense batched matmuls, gather back: static shapes, choices over capacity dropped.
+
+Shape legend: T tokens, D model width, E experts, F expert width, K choices, C slots.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.ops.moe_routing import Routing
+
+ExpertGroup = tuple[jax.Array, jax.Array, jax.Array]  # w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]
+
+
+def group_bounds(groups: list[ExpertGroup]) -> list[tuple[int, int]]:
+    """[(first, end)) expert ids of each size group."""
+    out, start = [], 0
+    for w_gate, _, _ in groups:
+        out.append((start, start + w_gate.shape[0]))
+        start += w_gate.shape[0]
+    return out
+
+
+def combine_matrix(routing: Routing, n_experts: int) -> jax.Array:
+    """[T, E] float32: the weight of each expert in each token's output (0 where unrouted)."""
+    onehot_TKE = jax.nn.one_hot(routing.experts_TK, n_experts, dtype=jnp.float32)
+    w_TK = jnp.where(routing.valid_TK, routing.weights_TK, 0.0).astype(jnp.float32)
+    return jnp.einsum("TKE,TK->TE", onehot_TKE, w_TK)
+
+
+def experts_reference(x_TD: jax.Array, routing: Routing, groups: list[ExpertGroup]) -> jax.Array:
+    """[T, D] float32: every expert on every token, weighted by the routing."""
+    x = x_TD.astype(jnp.float32)
+    outs = []
+    for w_gate, w_up, w_down in groups:
+        g_TEF = jnp.einsum("TD,EDF->TEF", x, w_gate.astype(jnp.float32))
+        u_TEF = jnp.einsum("TD,EDF->TEF", x, w_up.astype(jnp.float32))
+        outs.append(jnp.einsum("TEF,EFD->TED", jax.nn.silu(g_TEF) * u_TEF, w_down.astype(x.dtype)))
+    y_TED = jnp.concatenate(outs, axis=1)
+    return jnp.einsum("TED,TE->TD", y_TED, combine_matrix(routing, y_TED.shape[1]))
+
+
+def sort_by_expert(routing: Routing, n_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(order, token_of_row, counts_E): the token copies (flattened [T·K]) ordered by expert;
+    invalid copies sort last and belong to no group."""
+    k = routing.experts_TK.shape[1]
+    flat = jnp.where(routing.valid_TK, routing.experts_TK, n_experts).reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts_E = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1, mode="drop")
+    return order, order // k, counts_E
+
+
+def grouped_swiglu(
+    xs_ND: jax.Array, counts_E: jax.Array, groups: list[ExpertGroup], dtype
+) -> jax.Array:
+    """[N, D]: rows sorted by expert (counts_E of each, the rest zero) through their experts.
+
+    One `ragged_dot` chain per size group. A group's rows start where the earlier groups'
+    rows end, so the rows are rolled to put them first (ragged_dot's groups start at row 0)
+    and its output rolled back; rows outside the group come out as zeros, so groups add up.
+    """
+    out = None
+    for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
+        sizes = counts_E[first:end]
+        offset = jnp.sum(counts_E[:first])
+        rows = xs_ND if first == 0 else jnp.roll(xs_ND, -offset, axis=0)
+        g = jax.lax.ragged_dot(rows, w_gate.astype(dtype), sizes)
+        u = jax.lax.ragged_dot(rows, w_up.astype(dtype), sizes)
+        y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down.astype(dtype), sizes)
+        y = y if first == 0 else jnp.roll(y, offset, axis=0)
+        out = y if out is None else out + y
+    return out
+
+
+def experts_dropless(
+    x_TD: jax.Array, routing: Routing, groups: list[ExpertGroup], dtype=jnp.float32
+) -> jax.Array:
+    """[T, D] float32: sort → grouped matmul → unsort → weighted sum over the K copies."""
+    t, k = routing.experts_TK.shape
+    n_experts = group_bounds(groups)[-1][1]
+    order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
+    xs_ND = x_TD.astype(dtype)[token_of_row]
+    ys_ND = grouped_swiglu(xs_ND, counts_E, groups, dtype)
+    y_TKD = ys_ND[jnp.argsort(order)].reshape(t, k, -1)
+    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)
+
+
+def experts_blocked(
+    x_TD: jax.Array,
+    routing: Routing,
+    groups: list[ExpertGroup],
+    block: int = 512,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """[T, D] float32, dropless, as dense batched matmuls over blocks of `block` rows.
+
+    Each expert's copies are padded to a multiple of `block` rows, so every block belongs to
+    one expert; the block's weights are gathered ([N_blocks, D, F]) and one batched matmul
+    does all blocks. Padding costs at most one block per expert (N_blocks ≤ T·K/block + E).
+    For GPUs where `ragged_dot` lowers to a dense product over every group.
+    """
+    t, k = routing.experts_TK.shape
+    n_experts = group_bounds(groups)[-1][1]
+    d = x_TD.shape[-1]
+    order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
+    xs_ND = x_TD.astype(dtype)[token_of_row]
+    expert_of_row = jnp.where(routing.valid_TK, routing.experts_TK, n_experts).reshape(-1)[order]
+    rank = (
+        jnp.arange(t * k)
+        - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_of_row, n_experts - 1)]
+    )
+    ys_ND = jnp.zeros((t * k, d), jnp.float32)
+    for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
+        e_g = end - first
+        n_blocks = -(-t * k // block) + e_g
+        padded = -(-counts_E[first:end] // block) * block
+        pad_start = jnp.cumsum(padded) - padded
+        local = expert_of_row - first
+        mine = (local >= 0) & (local < e_g)
+        dest = jnp.where(mine, pad_start[jnp.clip(local, 0, e_g - 1)] + rank, n_blocks * block)
+        xb = jnp.zeros((n_blocks * block, d), dtype).at[dest].set(xs_ND, mode="drop")
+        block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, "right")
+        block_expert = jnp.minimum(block_expert, e_g - 1)
+        xb_NBD = xb.reshape(n_blocks, block, d)
+        g = jnp.einsum("NBD,NDF->NBF", xb_NBD, w_gate.astype(dtype)[block_expert])
+        u = jnp.einsum("NBD,NDF->NBF", xb_NBD, w_up.astype(dtype)[block_expert])
+        yb = jnp.einsum("NBF,NFD->NBD", jax.nn.silu(g) * u, w_down.astype(dtype)[block_expert])
+        rows = jnp.take(yb.reshape(n_blocks * block, d), dest, axis=0, mode="fill", fill_value=0)
+        ys_ND = ys_ND + rows.astype(jnp.float32)
+    y_TKD = ys_ND[jnp.argsort(order)].reshape(t, k, d)
+    return jnp.einsum("TKD,TK->TD", y_TKD, routing.weights_TK)
+
+
+def experts_capacity(
+    x_TD: jax.Array,
+    routing: Routing,
+    slot_TK: jax.Array,
+    groups: list[ExpertGroup],
+    capacity: int,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """[T, D] float32: kept choices scattered into an [E·C, D] buffer at `slot_TK` (E·C =
+    dropped), one batched matmul per size group over its [E_g, C, D] rows, gathered back."""
+    t, k = slot_TK.shape
+    n_experts = group_bounds(groups)[-1][1]
+    c, d = capacity, x_TD.shape[-1]
+    token_TK = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
+    buf_SD = jnp.zeros((n_experts * c, d), dtype)
+    buf_SD = buf_SD.at[slot_TK.reshape(-1)].set(
+        x_TD.astype(dtype)[token_TK.reshape(-1)], mode="drop"
+    )
+    outs = []
+    for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
+        xb_ECD = buf_SD[first * c : end * c].reshape(end - first, c, d)
+        g = jnp.einsum("ECD,EDF->ECF", xb_ECD, w_gate.astype(dtype))
+        u = jnp.einsum("ECD,EDF->ECF", xb_ECD, w_up.astype(dtype))
+        outs.append(jnp.einsum("ECF,EFD->ECD", jax.nn.silu(g) * u, w_down.astype(dtype)))
+    out_SD = jnp.concatenate(outs, axis=0).reshape(n_experts * c, d)
+    y_TKD = jnp.take(out_SD, slot_TK, axis=0, mode="fill", fill_value=0)
+    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)
+
+
+def moe_experts(
+    x_TD: jax.Array,
+    routing: Routing,
+    groups: list[ExpertGroup],
+    *,
+    impl: Literal["reference", "dropless", "blocked", "capacity"] = "dropless",
+    slot_TK: jax.Array | None = None,
+    capacity: int | None = None,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Dispatcher: [T, D] float32 routed-expert output. `capacity` needs `slot_TK` and
+    `capacity` from `apply_capacity` (whose routing also masks the dropped choices, so the
+    reference and dropless paths give the capacity path's result on the same routing)."""
+    if impl == "reference":
+        return experts_reference(x_TD, routing, groups)
+    if impl == "dropless":
+        return experts_dropless(x_TD, routing, groups, dtype)
+    if impl == "blocked":
+        return experts_blocked(x_TD, routing, groups, dtype=dtype)
+    if impl == "capacity":
+        assert slot_TK is not None and capacity is not None
+        return experts_capacity(x_TD, routing, slot_TK, groups, capacity, dtype)
+    raise ValueError(f"unknown MoE impl {impl!r}")

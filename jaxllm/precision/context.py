@@ -1,0 +1,176 @@
+"""Which precision the dense projections run in, and the one function they all call.
+
+Layers call `project(x, w, eq, name=...)` (via `jaxllm.layers.base.dense`) for every dense
+projection; outside a `use_precision` block it is exactly ``jnp.einsum(eq, x, w)``. The train
+and eval steps open `use_precision(spec, fp8_state)` around the forward pass, so the layers
+never see the global config. Embedding, head, norms, routers and attention's own products do
+not go through `project` and stay in high precision.
+
+Delayed FP8 scaling needs state per projection. Projections are numbered in the order the
+forward pass calls them (``"007_q"``), so their state is a flat dict that `record_delayed_keys`
+discovers by tracing the forward once; the numbering restarts at every `use_precision`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.precision import einsum as es
+from jaxllm.precision import fp8 as fp8_lib
+from jaxllm.precision.exmy import BlockSize, parse_exmy, quantize_exmy
+
+QSpec = tuple[int, int, BlockSize]  # (E, M, block_size)
+# The six GEMM inputs (Sun et al. 2025): P1 x, P2 w (forward); P3 dy, P4 w (dX = dY W);
+# P5 dy, P6 x (dW = dYᵀ X).
+GEMM_INPUTS = ("x", "w", "dy_dx", "w_dx", "dy_dw", "x_dw")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSpec:
+    """fp8: none | current | delayed | blockwise; quantize: ExMy per GEMM input (or None)."""
+
+    fp8: str = "none"
+    quantize: tuple[QSpec | None, ...] = (None,) * 6
+    amax_history_len: int = 16
+    margin: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.fp8 != "none" or any(q is not None for q in self.quantize)
+
+    @classmethod
+    def from_config(cls, c) -> PrecisionSpec:
+        """From a `jaxllm.config.PrecisionConfig`."""
+        q = tuple(
+            parse_exmy(getattr(c.quantize, n)) if getattr(c.quantize, n) else None
+            for n in GEMM_INPUTS
+        )
+        return cls(c.fp8, q, c.amax_history_len, c.margin)
+
+
+@dataclasses.dataclass
+class _Scope:
+    spec: PrecisionSpec
+    state: dict | None
+    recorded: dict | None
+    counter: int = 0
+
+
+_ACTIVE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "jaxllm_precision", default=None
+)
+
+
+@contextlib.contextmanager
+def use_precision(spec: PrecisionSpec, fp8_state: dict | None = None) -> Iterator[None]:
+    """Run the projections traced inside this block in `spec`'s precision.
+
+    fp8_state: the delayed-scaling state (from `record_delayed_keys` / the train state). With
+    `delayed` and no state (e.g. evaluation with parameters only) the scales fall back to
+    `current` scaling.
+    """
+    token = _ACTIVE.set(_Scope(spec, fp8_state, None))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def record_delayed_keys(spec: PrecisionSpec, forward) -> dict:
+    """The fresh delayed-scaling state of every projection `forward()` calls (traced once,
+    abstractly). `forward` takes no arguments and runs the model."""
+    scope = _Scope(spec, None, {})
+    token = _ACTIVE.set(scope)
+    try:
+        jax.eval_shape(forward)
+    finally:
+        _ACTIVE.reset(token)
+    return {k: fp8_lib.init_delayed_entry(spec.amax_history_len) for k in scope.recorded}
+
+
+def project(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.Array:
+    """``einsum(eq, x, w)`` in the active precision; result in `x.dtype`.
+
+    eq: an ``"x,w->y"`` einsum whose inner dims are the contraction (e.g. ``"BTD,DHK->BTHK"``);
+    name: a label for the projection's delayed-scaling state (unique names not required).
+    """
+    scope = _ACTIVE.get()
+    if scope is None or not scope.spec.active:
+        return jnp.einsum(eq, x, w)
+    spec = scope.spec
+    if any(q is not None for q in spec.quantize):
+        return exmy_einsum(eq, x, w, spec.quantize)
+    if spec.fp8 == "current":
+        return fp8_lib.fp8_einsum_current(eq, x, w)
+    if spec.fp8 == "blockwise":
+        return fp8_lib.fp8_einsum_blockwise(eq, x, w, fp8_lib.TILE)
+    if spec.fp8 == "delayed":
+        key = f"{scope.counter:03d}_{name}"
+        scope.counter += 1
+        if scope.recorded is not None:
+            scope.recorded[key] = None
+            return jnp.einsum(eq, x, w)
+        if scope.state is None:
+            return fp8_lib.fp8_einsum_current(eq, x, w)
+        if key not in scope.state:
+            raise KeyError(
+                f"no delayed FP8 state for projection {key!r}; the state has "
+                f"{len(scope.state)} entries (was it recorded for this model?)"
+            )
+        return fp8_lib.fp8_einsum_delayed(eq, x, w, scope.state[key])
+    raise ValueError(f"unknown precision.fp8 mode {spec.fp8!r}")
+
+
+# --------------------------------------------------------------------- ExMy GEMMs
+
+
+def _q(v: jax.Array, letters: str, inner: str, spec: QSpec | None) -> jax.Array:
+    """Fake-quantize a GEMM input with blocks along that GEMM's inner dims."""
+    if spec is None:
+        return v
+    e, m, block = spec
+    if not inner:  # an outer product: nothing is summed, so one scale per tensor
+        return quantize_exmy(v, e, m, block_size=None if block is None else "tensor")
+    return es.along(v, letters, inner, lambda u: quantize_exmy(u, e, m, block_size=block))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def exmy_einsum(eq: str, x: jax.Array, w: jax.Array, specs: tuple) -> jax.Array:
+    """``einsum(eq, x, w)`` with each of the six GEMM inputs fake-quantized by `specs`
+    (ordered as `GEMM_INPUTS`; None leaves one in high precision). Quantized values are
+    dequantized to the input dtype and multiplied with float32 accumulation, as in the paper
+    (QPyTorch simulation)."""
+    return _exmy_fwd(eq, x, w, specs)[0]
+
+
+def _exmy_fwd(eq, x, w, specs):
+    a, b, c = es.parse(eq)
+    k = es.inner(a, b, c)
+    y = jnp.einsum(eq, _q(x, a, k, specs[0]), _q(w, b, k, specs[1]),
+                   preferred_element_type=jnp.float32)  # fmt: skip
+    return y.astype(x.dtype), (x, w)
+
+
+def _exmy_bwd(eq, specs, res, dy):
+    x, w = res
+    a, b, c = es.parse(eq)
+    k_dx, k_dw = es.inner(c, b, a), es.inner(c, a, b)
+    return es.gemm_grads(
+        eq,
+        _q(dy, c, k_dx, specs[2]),
+        _q(w, b, es.inner(b, c, a), specs[3]),
+        _q(dy, c, k_dw, specs[4]),
+        _q(x, a, es.inner(a, c, b), specs[5]),
+        x.dtype,
+        w.dtype,
+    )
+
+
+exmy_einsum.defvjp(_exmy_fwd, _exmy_bwd)

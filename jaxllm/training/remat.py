@@ -1,0 +1,69 @@
+"""Activation checkpointing of each block: named policies over `checkpoint_name` tags.
+
+Blocks tag their activations (`jaxllm.layers.base.tag`): ``layer_in`` (block input),
+``mixer_in`` (normed input), ``q``/``k``/``v``, ``attn_out`` (attention before the output
+projection), ``mixer_out`` (residual after the mixer), ``ffn_in``, ``mlp_hidden``. What the
+backward pass keeps of each block, per `train.remat`:
+
+- ``none``: everything (no checkpointing).
+- ``full``: nothing but the block's input; the backward recomputes the whole block.
+- ``minimal``: q, k, v and the attention output — the backward skips the attention and QKV
+  recomputation, the most expensive part, and recomputes norms and the MLP.
+- ``save_dots``: every matmul output without batch dims (the projections), i.e.
+  `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
+- ``offload``: MEMO (Zhao et al., SIGMOD 2025): the layer input and the attention output are
+  moved to pinned host memory and brought back for the backward; of every other skeletal
+  activation the first ⌊α·T⌋ tokens (α = `train.offload_fraction`) are offloaded too and the
+  rest recomputed. XLA's host-offload passes schedule the copies (on the CPU backend the
+  "host" is the device itself, so the policy compiles and runs but moves nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from jaxllm.layers.base import ATTN_OUT, LAYER_INPUT, SKELETAL, token_split
+
+POLICIES = ("none", "full", "minimal", "save_dots", "offload")
+
+
+def checkpoint_policy(name: str, offload_fraction: float = 0.0):
+    """The `jax.checkpoint` policy of a `train.remat` value (None = save nothing)."""
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return None
+    if name == "minimal":
+        return cp.save_only_these_names("q", "k", "v", ATTN_OUT)
+    if name == "save_dots":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        offloaded = [LAYER_INPUT, ATTN_OUT]
+        if offload_fraction > 0:
+            offloaded += [n + "_off" for n in SKELETAL]
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=offloaded,
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    raise ValueError(f"train.remat={name!r}: use one of {', '.join(POLICIES)}")
+
+
+def block_remat(name: str, offload_fraction: float = 0.0) -> Callable[[Callable], Callable] | None:
+    """The `remat=` argument of `Decoder.__call__` for a `train.remat` value (None = off)."""
+    if name == "none":
+        return None
+    policy = checkpoint_policy(name, offload_fraction)
+    frac = offload_fraction if name == "offload" else 0.0
+
+    def wrap(fn: Callable) -> Callable:
+        def split_tokens(*args):
+            with token_split(frac):
+                return fn(*args)
+
+        return nnx.remat(split_tokens, policy=policy, prevent_cse=True)
+
+    return wrap

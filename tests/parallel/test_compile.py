@@ -1,0 +1,77 @@
+"""`python -m jaxllm.compile`: topology names, exit codes, and (marker `tpu_aot`, needs libtpu)
+real ahead-of-time compiles of a small preset for TPU slices from this CPU host."""
+
+import pytest
+
+from jaxllm import compile as aot
+from jaxllm.compile import GiB, Topology, parse_topology
+
+SMALL = ["model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.d_ff=256",
+         "data.batch_size=8", "data.seq_len=128"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,jax_name,chips",
+    [
+        ("v5e-16", "v5e:4x4", 16),
+        ("v5e-32", "v5e:4x8", 32),
+        ("v6e-256", "v6e:16x16", 256),
+        ("v5p-128", "v5p:4x4x4", 64),  # Cloud v5p names count TensorCores, 2 per chip
+        ("v5p-1024", "v5p:8x8x8", 512),
+        ("v5e:2x2", "v5e:2x2", 4),
+        ("v5p:2x2x1", "v5p:2x2x1", 4),
+    ],
+)
+def test_parse_topology(name, jax_name, chips):
+    topo = parse_topology(name)
+    assert (topo.jax_name, topo.chips) == (jax_name, chips)
+
+
+@pytest.mark.parametrize("name", ["v5e", "v9x-16", "v5e-12", "v5p-7", "v5e:4x4x4", "v5p:2x2"])
+def test_bad_topology(name):
+    with pytest.raises(aot.TopologyError):
+        parse_topology(name)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["default", "--topology", "v5e-99"],
+        ["no-such-preset", "--topology", "v5e-16"],
+        ["default", "--topology", "v5e-16", "model.no_such_key=1"],
+        ["default"],
+        ["default", "--topology", "v5e-16", "--bogus"],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    assert aot.main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_report_fit_threshold():
+    topo = Topology("v5e", (2, 2))
+    r = aot.Report(topo, {"data": 4}, 10 * GiB, 10 * GiB, 10 * GiB, 5 * GiB, 0, 1e12)
+    assert r.total_bytes == 15 * GiB and r.fits  # donated outputs alias the arguments
+    r.temp_bytes = 7 * GiB
+    assert not r.fits and "DOES NOT FIT" in r.lines()[-1]
+
+
+tpu = pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
+
+
+@pytest.mark.tpu_aot
+@tpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+def test_compile_small_preset(topology, capsys):
+    assert aot.main(["default", "--topology", topology, "parallel.mesh.fsdp=2", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "'fsdp': 2" in out and "fits" in out and "flops/step" in out
+
+
+@pytest.mark.tpu_aot
+@tpu
+def test_compile_that_does_not_fit_exits_3(capsys):
+    huge = [*SMALL[:-2], "model.vocab_size=2000000", "data.batch_size=64", "data.seq_len=2048",
+            "model.max_seq_len=2048"]  # fmt: skip
+    assert aot.main(["default", "--topology", "v5e:2x2", *huge]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out
