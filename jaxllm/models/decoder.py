@@ -147,15 +147,16 @@ class Decoder(nnx.Module):
             run = remat(run)
             for blk in self.blocks:
                 x_BTD, carry = run(blk, x_BTD, carry)
-        for i, blk in enumerate(self.blocks if remat is None or cache is not None else ()):
-            x_BTD, layer_cache = blk(
-                x_BTD,
-                positions_BT=positions_BT,
-                segment_ids_BT=segment_ids_BT,
-                cache=None if cache is None else cache[i],
-                carry=carry,
-            )
-            new_cache.append(layer_cache)
+        else:
+            for i, blk in enumerate(self.blocks):
+                x_BTD, layer_cache = blk(
+                    x_BTD,
+                    positions_BT=positions_BT,
+                    segment_ids_BT=segment_ids_BT,
+                    cache=None if cache is None else cache[i],
+                    carry=carry,
+                )
+                new_cache.append(layer_cache)
         x_BTD = self.final_norm(x_BTD)
         w_DV = cast(self.embed, dt).T if cfg.tie_embeddings else cast(self.head, dt)
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV, preferred_element_type=jnp.float32)
