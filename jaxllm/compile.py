@@ -215,7 +215,8 @@ def compile_for(cfg, topo: Topology) -> Report:
         alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
-        flops_per_chip=float((cost or {}).get("flops", 0.0)),
+        # XLA's cost analysis counts a loop body once: the micro-batch scan runs it n times
+        flops_per_chip=float((cost or {}).get("flops", 0.0)) * cfg.train.microbatches,
     )
 
 

@@ -8,12 +8,12 @@ then the outer step (SlowMo-style) moves θ with a momentum of pseudo-gradients:
     Δ     = (θ_start − mean_r θ_local^r) / staleness_penalty     pseudo-gradient
     m     ← β·m + Δ
     m     ← clip(m, −c, c)                                         (optional; really clips)
-    θ_t+1 = θ_t − outer_lr·m                                       every replica restarts here
+    θ_t+1 = θ_t − outer_lr·m                                       the replicas restart here
 
 With ``stale=True`` (CO2) the average is the *previous* round's: its all-reduce is issued at
 the start of round t, runs while the τ local steps of round t compute, and is consumed by the
-outer step at the end of round t, so θ_start is θ_{t−1}, the point that round started from
-(the pseudo-gradient is one round late, as in delayed-gradient SGD). In round 0 there is no
+outer step at the end of round t, so θ_start is where round t−1 started (the mean over the
+replicas) and the pseudo-gradient is one round late. In round 0 there is no
 previous round: the stored previous replicas equal θ_0, Δ = 0 and only the momentum (zero)
 moves θ. ``stale=False`` averages the current round instead (local SGD / SlowMo, no overlap).
 
@@ -26,7 +26,9 @@ round late; Δ is then mean_r(start_r − end_r) of the previous round, the same
 Reading the official code further: with its defaults (``outer_momentum_memory_efficient=True``)
 the outer step's gather/scatter is a blocking ``dist.reduce``/``broadcast`` of the *current*
 parameters, and the background all-reduce thread is skipped at outer steps, so the code as
-shipped runs the non-stale variant.
+shipped runs the non-stale variant. With a stale average the outer θ lags the finished local
+steps by a round; `flush` applies the pending average (what a final blocking all-reduce gives)
+and is what the trainer evaluates.
 
 The official code divides the pseudo-gradient by a constant ``co2_gap_penalty``; that is what
 `staleness_penalty` is here (the paper's adaptive form could not be checked). Its clip calls a
