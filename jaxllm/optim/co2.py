@@ -1,38 +1,63 @@
 """CO2: local steps with an outer step whose all-reduce overlaps the next round.
 
 Sun et al., "CO2: Efficient Distributed Training with Full Communication-Computation Overlap",
-ICLR 2024 (arXiv 2401.16265; code weigao266/fairscale-CO2). Every data-parallel replica r runs
-τ steps of the inner optimizer on its own shard of the batch, from the outer parameters θ_t;
-then the outer step (SlowMo-style) moves θ with a momentum of pseudo-gradients:
+ICLR 2024 (arXiv 2401.16265; code weigao266/fairscale-CO2 ``gossip/co2.py``, used through
+weigao266/fairseq-CO2). Every data-parallel replica r runs τ steps of the inner optimizer on its
+own shard of the batch; then the outer step (SlowMo-style) moves the outer parameters θ with a
+momentum of pseudo-gradients.
 
-    Δ     = (θ_start − mean_r θ_local^r) / staleness_penalty     pseudo-gradient
-    m     ← β·m + Δ
-    m     ← clip(m, −c, c)                                         (optional; really clips)
-    θ_t+1 = θ_t − outer_lr·m                                       the replicas restart here
+The outer step, equation by equation against the official ``_perform_local_optimization``
+(co2.py L624–630; ``p`` is the replica mean after the ``gather`` reduce of L553–575, ``old`` the
+outer parameters, initialised to θ_0 at L535, ``gmb`` the outer momentum):
 
-With ``stale=True`` (CO2) the average is the *previous* round's: its all-reduce is issued at
-the start of round t, runs while the τ local steps of round t compute, and is consumed by the
-outer step at the end of round t, so θ_start is where round t−1 started (the mean over the
-replicas) and the pseudo-gradient is one round late. In round 0 there is no
-previous round: the stored previous replicas equal θ_0, Δ = 0 and only the momentum (zero)
-moves θ. ``stale=False`` averages the current round instead (local SGD / SlowMo, no overlap).
+    gmb.mul_(β).sub_(p, 1/gap)        Δ = (θ − mean_r θ_local^r) / staleness_penalty
+       .add_(old, 1/gap)              m ← β·m + Δ           (`pseudo_gradient`, `outer_update`)
+    if co2_clip:                      m ← clip(m, −c, c); theirs is a no-op (the result of the
+        torch.clamp(gmb, ±thr)        non-in-place clamp is discarded), ours really clips
+    old.add_(gmb, alpha=−outer_lr)    θ ← θ − outer_lr·m
+    p.copy_(old)                      every replica restarts at θ (``carry_local=False``)
 
-Where each replica restarts: the official code resets every replica to θ_{t+1} (its
-``current_p.copy_(current_p_old)``); with a stale average that discards nothing but delays every
-local step's effect by a whole round (delayed-gradient dynamics, unstable for large τ with outer
-momentum). ``carry_local=True`` (stale only) restarts replica r at θ_{t+1} + (its own round-t
-progress, not yet in any average): the local work counts at once and only the consensus is a
-round late; Δ is then mean_r(start_r − end_r) of the previous round, the same all-reduce.
-Reading the official code further: with its defaults (``outer_momentum_memory_efficient=True``)
-the outer step's gather/scatter is a blocking ``dist.reduce``/``broadcast`` of the *current*
-parameters, and the background all-reduce thread is skipped at outer steps, so the code as
-shipped runs the non-stale variant. With a stale average the outer θ lags the finished local
-steps by a round; `flush` applies the pending average (what a final blocking all-reduce gives)
-and is what the trainer evaluates.
+So Δ is minus the replicas' mean progress (θ − outer_lr·Δ moves θ along with them), and the
+"staleness gap penalty" is, in the official code, that constant divisor
+``co2_gap_penalty`` (default 1, i.e. off) of the pseudo-gradient, applied before the momentum;
+`staleness_penalty` is exactly it. The paper's own definition of the penalty could not be read
+here (its body text was not available; reviewers describe a staleness-gap metric that scales
+the update), so no adaptive form is implemented.
 
-The official code divides the pseudo-gradient by a constant ``co2_gap_penalty``; that is what
-`staleness_penalty` is here (the paper's adaptive form could not be checked). Its clip calls a
-non-in-place ``torch.clamp`` and so never clips; this one does.
+The stale average. The paper's point is that the all-reduce of round t's parameters is launched
+asynchronously and overlaps round t+1's τ local steps, so each outer step consumes the average
+of the previous round. The official code does not realise this cleanly: with its default
+``outer_momentum_memory_efficient=True`` the outer step's gather/scatter is a blocking
+``dist.reduce``/``broadcast`` of the *current* parameters; the background thread
+(``_CO2_AAR``, L675), woken only after an outer step, all-reduces the live parameters in place
+only if ``_should_allreduce_params()`` holds when it runs (a local-SGD step that is not a
+memory-efficient outer step; it reads ``num_updates`` while the main thread increments it).
+With ``outer_lr=1, outer_momentum=0`` (fairseq-CO2's pick for ≤ 16 workers) ``self.co2`` is
+False (L122) and no outer step or averaging happens at all. Here:
+
+- ``stale=False``: Δ uses this round's average (SlowMo / local SGD; what the shipped code runs).
+- ``stale=True`` (CO2): the all-reduce is issued at the start of round t, runs while its τ
+  local steps compute, and is consumed by the outer step at the end of round t: Δ is
+  mean_r(start_r − end_r) of round t−1. In round 0 there is no previous round: the stored
+  previous replicas equal θ_0, Δ = 0 and only the (zero) momentum moves θ.
+- Where each replica restarts when the average is stale. ``carry_local=False`` copies the
+  official reset (``p.copy_(old)``): the replicas restart at θ_{t+1}, which does not yet hold
+  round t's progress, so each round's local work is redone from a point one round behind and
+  lands one round late: delayed-gradient dynamics, whose stable step is about half the
+  undelayed one (x ← x − a·x_{t−1} oscillates for a > 1), so it is unstable at large τ.
+  ``carry_local=True`` restarts replica r at θ_{t+1} + (its own round-t progress, not yet in any
+  average): no local step is delayed, only the consensus is; with β = 0 and outer lr 1 the
+  replicas' mean at the start of a round is θ_0 plus all the progress so far, as without
+  staleness. The all-reduce is the same.
+  With a stale average the outer θ lags the finished local steps by a round; `flush` applies
+  the pending average (what a final blocking all-reduce gives) and is what the trainer
+  evaluates.
+
+Defaults (config ``optim.co2``, the evidence is in ``benchmarks/co2.py``'s docstring): stale with
+``carry_local=True``, outer momentum 0, outer lr 1, penalty 1, no clip. The official defaults are
+β = 0.5 (fairscale) or β by worker count, 0/0.2/0.5/0.6 for ≤ 16/≤ 32/≤ 64/> 64 workers
+(fairseq-CO2 ``distributed_fairseq_model.py`` L140–148; its 4-GPU example uses β = 0.2 with clip
+1.0), τ = 48 (fairscale) or 20 (fairseq), outer lr 1, gap penalty 1, clip off.
 
 Layout (our choice): one jitted call runs a whole round. The train state keeps the outer
 parameters θ in their usual shardings; the inner optimizer state and the previous round's
@@ -40,7 +65,8 @@ replicas carry a leading replica axis R (= the `data` mesh size) sharded over `d
 each replica's own dims sharded like its parameter (fsdp / tensor). The local steps are a
 `lax.scan` over τ batches of a `jax.vmap` over R with ``spmd_axis_name="data"``, so no
 replica communicates with another during them; inside a replica the batch is sharded over
-`fsdp` only (`replica_rules`).
+`fsdp` only (`replica_rules`). The inner optimizer state is never reset at an outer step (the
+official code leaves the torch optimizer's state alone too).
 
 With τ = 1, β = 0, outer_lr = 1, no penalty, no clip and ``stale=False`` the round is one step
 of synchronous data parallelism for any inner optimizer that is linear in the gradient (SGD

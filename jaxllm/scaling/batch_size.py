@@ -29,12 +29,20 @@ __all__ = [
     "lr_for_batch_size",
 ]
 
+# Secondary source (reference digest lowprec_optim.md §3, [S]): sciencestack.ai's summary of
+# arXiv 2412.01505 gives N_opt ∝ C^0.464, D_opt ∝ C^0.536 (compute frontier) and, in the
+# FLOPs-efficient regime, S_opt ∝ C^0.434, B_opt ∝ C^0.102. Unverified against the paper body;
+# the pairs are at least consistent (0.464 + 0.536 = 1 for C ∝ N·D, 0.434 + 0.102 = 0.536 for
+# D = S·B), which the tests check.
 FIXED_COMPUTE_EXPONENTS = {
     "n_params": 0.464,
     "n_tokens": 0.536,
     "steps": 0.434,
     "batch_size": 0.102,
 }
+# Secondary source (digest §3, [S]): tokens per step = 3.24e3·D^0.264 as two independent
+# third-party training codes write it, each citing arXiv 2412.01505 (one as its "Equation 5");
+# the paper's own table was not readable here.
 FIXED_DATA_COEFFICIENT = 3.24e3
 FIXED_DATA_EXPONENT = 0.264
 

@@ -63,7 +63,7 @@ class FPQuantLaw:
         return (self.beta + self.delta + self.nu) / (self.d * self.beta * self.gamma_rho)
 
 
-# Table 2 of arXiv 2501.02423 v3.
+# Table 2 of arXiv 2501.02423 v3 (digest lowprec_optim.md §1, [V]).
 CAPYBARA = FPQuantLaw(
     n=69.2343,
     alpha=0.2368,
@@ -75,8 +75,9 @@ CAPYBARA = FPQuantLaw(
     nu=2.9543,
 )
 
-# §3.6: channel-wise scaling behaves as a block of log2 B ≈ 13.1567 in Eq. 15. The tensor-wise
-# equivalent follows a power law in N and D whose constants the paper gives only as a figure.
+# §3.6 (digest §1, [V]): channel-wise scaling behaves as a block of log2 B ≈ 13.1567 in Eq. 15.
+# The tensor-wise equivalent follows a power law in N and D whose constants the paper gives only
+# as a figure.
 LOG2_BLOCK_CHANNEL = 13.1567
 
 
@@ -132,8 +133,8 @@ def optimal_exmy(total_bits: int, law: FPQuantLaw = CAPYBARA) -> tuple[int, int]
     """The integer (E, M) with ``E + M + 1 = total_bits`` that minimizes Eq. 26.
 
     The split only enters through ``(E+0.5)^δ (M+0.5)^ν``, so the best split is the same for
-    every N, D and B. The paper's Figure 4 lists E0M0, E1M0, E1M1, E2M1, E2M2, E3M2, E3M3,
-    E4M3, E4M4, E5M4, E5M5, E6M5, E6M6, E7M6, E7M7, E8M7 for 1 to 16 bits.
+    every N, D and B. The paper's Figure 4 lists E1M0, E1M1, E2M1, E2M2, E3M2, E3M3, E4M3,
+    E4M4, E5M4, E5M5, E6M5, E6M6, E7M6, E7M7, E8M7 for 2 to 16 bits (1 bit is the sign: E0M0).
     """
     if total_bits < 1 or int(total_bits) != total_bits:
         raise ValueError(f"total_bits must be an integer >= 1 (the sign bit), got {total_bits}")

@@ -23,6 +23,8 @@ __all__ = [
     "linear_complexity_param_count",
 ]
 
+# The unit is inferred from the paper's figures (digest §9): the text does not state it. The
+# test checks that it puts the paper's largest run (7B, 300B tokens) near every frontier.
 PFLOPS_DAY = 1e15 * 86400.0
 
 
@@ -38,8 +40,8 @@ class LinearComplexityLaw:
     d_exp: float
 
 
-# Table 3 of arXiv 2406.16690 (the LLaMA and TNL rows reappear in MiniMax-01's Table 2 as
-# softmax and lightning attention).
+# Table 3 of arXiv 2406.16690 (digest lowprec_optim.md §9, [V]; the LLaMA and TNL rows reappear
+# in MiniMax-01's Table 2 as softmax and lightning attention).
 LINEAR_COMPLEXITY_LAWS = {
     "llama": LinearComplexityLaw(3.7087, -0.0798, 1.82e8, 0.7118, 2.56e10, 0.5102),
     "tnl": LinearComplexityLaw(3.5391, -0.0768, 2.74e8, 0.6470, 4.43e10, 0.4684),

@@ -35,8 +35,10 @@ __all__ = [
     "surge_optimal_lr",
 ]
 
-# Kaplan et al. 2020 Eq. 1.4: B_crit(L) = B*/L^(1/α_B), B* ≈ 2e8 tokens, α_B ≈ 0.21, L in nats
-# (GPT-2 tokenizer on WebText2); the surge paper (§3.2) suggests it as a cheap B_noise estimate.
+# Kaplan et al. 2020 (arXiv 2001.08361) Eq. 1.4: B_crit(L) = B*/L^(1/α_B), B* ≈ 2e8 tokens,
+# α_B ≈ 0.21, L in nats (GPT-2 tokenizer on WebText2); the surge paper (§3.2, digest §2) suggests
+# it as a cheap B_noise estimate. The digest marks these two constants as from memory [U]; they
+# are Kaplan's published values as widely quoted, not re-read from the paper here.
 KAPLAN_B_STAR = 2e8
 KAPLAN_ALPHA_B = 0.21
 

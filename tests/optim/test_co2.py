@@ -52,6 +52,74 @@ def test_outer_update_matches_numpy(clip):
         theta, m = jax.tree.map(np.asarray, new_theta), jax.tree.map(np.asarray, new_m)
 
 
+def test_outer_step_with_gap_penalty_by_hand():
+    """The official ``gmb.mul_(β).sub_(p, 1/gap).add_(old, 1/gap); old -= lr·gmb``, by hand.
+
+    θ_old = 1.0, replica mean 0.4, m = 0.2, β = 0.5, gap = 2, outer lr = 0.8:
+    Δ = (1.0 − 0.4)/2 = 0.3; m = 0.5·0.2 + 0.3 = 0.4; θ = 1.0 − 0.8·0.4 = 0.68.
+    With clip 0.25 the momentum is clamped to 0.25 and θ = 1.0 − 0.8·0.25 = 0.8.
+    """
+    delta = co2.pseudo_gradient({"x": jnp.float32(1.0)}, {"x": jnp.float32(0.4)}, 2.0)
+    assert float(delta["x"]) == pytest.approx(0.3, rel=1e-6)
+    kw = dict(outer_lr=0.8, outer_momentum=0.5)
+    theta, m = co2.outer_update({"x": jnp.float32(1.0)}, {"x": jnp.float32(0.2)}, delta, **kw)
+    assert (float(theta["x"]), float(m["x"])) == (pytest.approx(0.68), pytest.approx(0.4))
+    theta, m = co2.outer_update(
+        {"x": jnp.float32(1.0)}, {"x": jnp.float32(0.2)}, delta, clip=0.25, **kw
+    )
+    assert (float(theta["x"]), float(m["x"])) == (pytest.approx(0.8), pytest.approx(0.25))
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_stale_rounds_with_gap_penalty_by_hand(carry):
+    """Two replicas pulled to targets 2 and 4 by one SGD step of lr 0.5 (τ = 1), so a replica
+    starting at s ends at (s + target)/2. Penalty 2, β = 0.5, outer lr 1, θ_0 = 0.
+
+    Round 0: both start at 0 and end at [1, 2]; nothing is pending, so θ_1 = 0.
+    Round 1, carry_local=False: both restart at θ_1 = 0 and end at [1, 2] again; the stale
+    Δ = −mean([1, 2] − 0)/2 = −0.75, m = −0.75, θ_2 = 0.75.
+    Round 1, carry_local=True: the replicas restart at θ_1 + [1, 2] = [1, 2] and end at
+    [1.5, 3]; Δ and θ_2 = 0.75 are the same (round 0's progress, one round late).
+    Round 2, reset: progress [1, 2] again, Δ = −0.75, m = 0.5·(−0.75) − 0.75 = −1.125,
+    θ_3 = 0.75 + 1.125 = 1.875.
+    flush after round 1, carry: round 1's progress [0.5, 1], Δ = −0.75/2 = −0.375,
+    m = 0.5·(−0.75) − 0.375 = −0.75, θ = 0.75 + 0.75 = 1.5.
+    """
+    import optax
+
+    class Cfg:
+        outer_lr, outer_momentum, staleness_penalty, clip, stale = 1.0, 0.5, 2.0, None, True
+
+    Cfg.carry_local = carry
+
+    def local_grad(p, batch, norm):
+        g = {"x": (p["x"] - batch["target"][0]) * batch["loss_mask"].sum() / norm}
+        zero = jnp.zeros(())
+        return g, {"sums": {"nll": zero, "z": zero, "aux": zero}, "layer": {}}
+
+    tx = optax.sgd(0.5)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": {"x": jnp.zeros(())},
+        "opt_state": jax.vmap(tx.init)({"x": jnp.zeros((2,))}),
+        "co2": co2.init_co2_state({"x": jnp.zeros(())}, 2),
+    }
+    batches = {"target": jnp.array([[2.0, 4.0]]), "loss_mask": jnp.ones((1, 2, 1))}  # τ=1, B=2
+    round_fn = jax.jit(lambda s: co2.co2_round(local_grad, tx, Cfg, s, batches, 2))
+    thetas = []
+    for _ in range(2):
+        state, _ = round_fn(state)
+        thetas.append(float(state["params"]["x"]))
+    assert thetas == [0.0, pytest.approx(0.75)]
+    if carry:
+        np.testing.assert_allclose(state["co2"]["prev_local"]["x"], [1.5, 3.0])
+        assert float(co2.flush(Cfg, state["params"], state["co2"])["x"]) == pytest.approx(1.5)
+    else:
+        np.testing.assert_allclose(state["co2"]["prev_local"]["x"], [1.0, 2.0])
+        state, _ = round_fn(state)
+        assert float(state["params"]["x"]) == pytest.approx(1.875)
+
+
 def _numpy_rounds(theta0, local_results, *, lr, beta, penalty, clip, stale, carry=False):
     """Outer parameters after each round, given every round's replica results ``[R, ...]``
     as a function of the replicas' start points ``[R, ...]``."""

@@ -13,8 +13,11 @@ from jaxllm.scaling.batch_size import FIXED_COMPUTE_EXPONENTS
 
 
 def test_fixed_data_by_hand():
-    assert batch_size_fixed_data(1e10) == pytest.approx(3.24e3 * 1e10**0.264, rel=1e-12)
-    assert 1.40e6 < batch_size_fixed_data(1e10) < 1.42e6
+    # B_opt = 3.24e3·D^0.264 at D = 1e10: 1e10^0.264 = 10^2.64 = 436.516, × 3240 = 1.41431e6
+    # tokens per step.
+    assert batch_size_fixed_data(1e10) == pytest.approx(1.41431e6, rel=1e-5)
+    # D = 1e12: 10^(12·0.264) = 10^3.168 = 1472.31, × 3240 = 4.77029e6.
+    assert batch_size_fixed_data(1e12) == pytest.approx(4.77029e6, rel=1e-5)
     assert batch_size_fixed_data(1e12, coefficient=1.0, exponent=0.5) == pytest.approx(1e6)
 
 
@@ -30,7 +33,10 @@ def test_fixed_compute_allocation_scales_a_reference():
     same = fixed_compute_allocation(1.2e20, 1.2e20, **ref)
     assert same == pytest.approx(ref)
     bigger = fixed_compute_allocation(1.2e22, 1.2e20, **ref)
-    assert bigger["batch_size"] == pytest.approx(2e6 * 100**0.102)
+    # 100× the compute: B × 100^0.102 = 10^0.204 = 1.59956, so 2e6 → 3.19912e6 tokens;
+    # N × 100^0.464 = 10^0.928 = 8.47227, so 1e9 → 8.47227e9.
+    assert bigger["batch_size"] == pytest.approx(3.19912e6, rel=1e-5)
+    assert bigger["n_params"] == pytest.approx(8.47227e9, rel=1e-5)
     assert bigger["n_params"] * bigger["n_tokens"] == pytest.approx(1e9 * 2e10 * 100)
     # The reference has S·B = D, and the exponents keep it so.
     assert bigger["steps"] * bigger["batch_size"] == pytest.approx(bigger["n_tokens"])

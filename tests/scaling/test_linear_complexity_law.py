@@ -37,8 +37,13 @@ def test_table_3_by_hand(arch):
     assert linear_complexity_optimal_tokens(100.0, arch) == pytest.approx(dc * 100.0**de)
 
 
-def test_loss_value_llama():
-    assert linear_complexity_loss(100.0, "LLaMA") == pytest.approx(2.5682, abs=1e-4)
+def test_loss_values_by_hand():
+    # LLaMA at C = 100 PFLOP/s-days: 100^-0.0798 = 10^-0.1596 = 0.692468, × 3.7087 = 2.56816.
+    assert linear_complexity_loss(100.0, "LLaMA") == pytest.approx(2.56816, abs=1e-5)
+    # TNL at C = 1: the coefficients themselves, 3.5391, 2.74e8 parameters and 4.43e10 tokens.
+    assert linear_complexity_loss(1.0, "tnl") == pytest.approx(3.5391, rel=1e-12)
+    # HGRN2 N_opt at C = 1e3: 10^(3·0.6427) = 10^1.9281 = 84.742, × 2.66e8 = 2.25414e10.
+    assert linear_complexity_optimal_params(1e3, "hgrn2") == pytest.approx(2.25414e10, rel=1e-5)
 
 
 def test_linear_models_reach_lower_loss_in_the_fitted_range():

@@ -21,6 +21,8 @@ def test_eq_2_by_hand(batch):
     b_noise, lr_max = 1000.0, 1e-3
     by_hand = lr_max / (0.5 * (math.sqrt(b_noise / batch) + math.sqrt(batch / b_noise)))
     assert surge_optimal_lr(batch, b_noise, lr_max) == pytest.approx(by_hand, rel=1e-14)
+    # B = 100 or 10000: ½(√10 + √0.1) = ½(3.16228 + 0.31623) = 1.73925, 1e-3/1.73925 = 5.7496e-4;
+    # B = B_noise: ½(1 + 1) = 1, the peak lr_max (digest §2 lists the same three values).
     assert by_hand == pytest.approx(1e-3 if batch == 1000.0 else 5.7496e-4, rel=1e-4)
 
 
@@ -87,7 +89,7 @@ def test_fit_surge_finds_the_peak_from_a_noisy_sweep():
 
 
 def test_kaplan_critical_batch_size_by_hand():
-    # Kaplan et al. Eq. 1.4 with B* = 2e8 tokens, α_B = 0.21: at L = 2 nats, 2e8 / 2^(1/0.21).
-    assert kaplan_critical_batch_size(2.0) == pytest.approx(2e8 / 2.0 ** (1 / 0.21), rel=1e-12)
-    assert 7.3e6 < kaplan_critical_batch_size(2.0) < 7.4e6
+    # Kaplan et al. Eq. 1.4 with B* = 2e8 tokens, α_B = 0.21: at L = 2 nats,
+    # 2^(1/0.21) = 2^4.76190 = 27.1316, 2e8 / 27.1316 = 7.37147e6 tokens.
+    assert kaplan_critical_batch_size(2.0) == pytest.approx(7.37147e6, rel=1e-5)
     assert kaplan_critical_batch_size(3.0) < kaplan_critical_batch_size(2.0)
