@@ -13,6 +13,11 @@ Three ways to compute it, equal in exact arithmetic:
 - `lightning_attention_recurrent`: a `lax.scan` of `lightning_attention_step` over tokens.
 - the chunked form of Lightning Attention-2 (`impl="xla"`): quadratic inside chunks of C
   tokens, a float32 state carried from chunk to chunk, so time and memory are linear in T.
+- the same algorithm as Pallas kernels (`impl="pallas"`, `kernels_pallas.lightning_attention`):
+  Mosaic on TPU, Triton on GPU, interpret mode on the CPU. `impl="auto"` takes the kernel where
+  the computation is lowered for TPU (or for CUDA when the GPU kernel imports) and the XLA form
+  otherwise; the choice follows the lowering platform, so an ahead-of-time compile for TPU
+  from a CPU host gets the kernel. The kernel treats log_decay as a constant (no gradient).
 
 Every decay factor is λ^j with j ≥ 0, computed as exp(j·log λ); nothing is ever factored as
 k·λ^{−j}, which overflows for strong decay. The official TNL slopes give λ_h = exp(−s_h);
@@ -24,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("reference", "xla", "auto")
+import kernels_pallas.lightning_attention as kernel
+
+IMPLS = ("reference", "xla", "pallas", "auto")
 # Measured fwd+bwd on an H100 (B2 H16 K=V=128, bf16 in, T 8K/32K): C=128 is 1.3x faster than
 # C=64 at equal memory. Segments of 2048 tokens with remat use 0.55x the memory of one
 # unsegmented pass without remat (3.4 vs 6.1 GiB at 32K) for 1.6x the time.
@@ -223,8 +230,10 @@ def lightning_attention(
       log_decay: [H], log λ ≤ 0 per head; None for no decay (plain causal linear attention).
       initial_state: [B, H, K, V], the state before the first token (zeros when None).
       return_final_state: also return the state after the last token.
-      chunk_size: tokens per chunk for impl="xla" (default 128); any T works.
-      impl: "reference" (quadratic, O(T²)), "xla" (chunked, O(T)), or "auto" (= "xla").
+      chunk_size: tokens per chunk for impl="xla" (default 128); any T works. The kernel
+        takes its block sizes from its per-chip table instead.
+      impl: "reference" (quadratic, O(T²)), "xla" (chunked, O(T)), "pallas" (the Pallas
+        kernel; interpreted on the CPU), or "auto" (the kernel on TPU and GPU, else "xla").
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32) when
@@ -249,7 +258,24 @@ def lightning_attention(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     # A chunk longer than the sequence would only add padding.
     C = max(1, min(C, T))
-    o_BTHV, state_BHKV = _chunked(
-        q, k, v, _log_decay_H(log_decay, H), _state_BHKV(initial_state, B, H, K, V), C
-    )
+    g_H = _log_decay_H(log_decay, H)
+
+    def xla(q, k, v, g_H, S0_BHKV):
+        o_BTHV, state_BHKV = _chunked(q, k, v, g_H, S0_BHKV, C)
+        return o_BTHV.astype(q.dtype), state_BHKV
+
+    def pallas(q, k, v, g_H, S0_BHKV):
+        return kernel.lightning_attention(
+            q, k, v, g_H, initial_state=S0_BHKV, return_final_state=True
+        )
+
+    args = (q, k, v, g_H, _state_BHKV(initial_state, B, H, K, V))
+    if impl == "xla":
+        o_BTHV, state_BHKV = xla(*args)
+    elif impl == "pallas":
+        o_BTHV, state_BHKV = pallas(*args)
+    else:
+        # platform_dependent lowers only the branch of the platform being compiled for.
+        gpu = pallas if kernel.gpu_available() else xla
+        o_BTHV, state_BHKV = lax.platform_dependent(*args, tpu=pallas, cuda=gpu, default=xla)
     return _finish(o_BTHV, q.dtype, state_BHKV, return_final_state)

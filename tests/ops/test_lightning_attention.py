@@ -236,7 +236,7 @@ def test_dtypes_and_return_forms():
 def test_bad_arguments_are_rejected():
     q, k, v, g, _, _, _ = _inputs(1, 8, 2, 4, 3, "tnl")
     with pytest.raises(ValueError, match="impl must be one of"):
-        attention(q, k, v, g, impl="pallas")
+        attention(q, k, v, g, impl="triton")
     with pytest.raises(ValueError, match="log_decay"):
         attention(q, k, v, jnp.zeros((3,)))
     with pytest.raises(ValueError, match="initial_state"):

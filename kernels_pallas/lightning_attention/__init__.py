@@ -1,0 +1,13 @@
+"""Lightning Attention-2 (causal linear attention with a per-head decay) as Pallas kernels.
+
+`lightning_attention` (api.py) is the entry point: a custom_vjp over the TPU (tpu.py, Mosaic)
+and GPU (gpu.py, Triton) kernels, chosen by the platform the computation is lowered for, and
+the TPU kernel in interpret mode on the CPU. Both kernel modules implement
+`forward(q, k, v, g, s0, *, seq_len, block_t, block_v, interpret)` and
+`backward(q, k, v, g, s0, do, dsT, *, seq_len, block_t, block_v, interpret)` on head-major
+[B, H, T, K] arrays.
+"""
+
+from kernels_pallas.lightning_attention.api import gpu_available, lightning_attention
+
+__all__ = ["gpu_available", "lightning_attention"]

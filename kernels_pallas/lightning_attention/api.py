@@ -1,0 +1,240 @@
+"""`lightning_attention`: the Pallas kernels behind a `custom_vjp`, dispatched by platform.
+
+S_t = λ S_{t−1} + k_tᵀ v_t, o_t = q_t S_t per batch element and head, λ = exp(log_decay_h),
+no 1/√K scaling; the same function as `jaxllm.ops.lightning_attention` (its oracle).
+
+Which kernel runs is decided by the platform the computation is *lowered* for, not by
+`jax.default_backend()`: an ahead-of-time compile for a TPU topology is traced on a CPU host,
+and must still get the Mosaic kernel. `lax.platform_dependent` traces every branch but lowers
+only the one for the lowering platform, so it sits inside the custom_vjp's forward and
+backward rules (a custom_vjp is lowered after differentiation, and platform_dependent composes
+with jit, vmap and grad like any `cond`):
+- TPU: `tpu.py` (Mosaic);
+- CUDA: `gpu.py` (the Triton lowering), imported lazily; where it is missing or fails to
+  import, the TPU kernel in interpret mode (correct but slow: `gpu_available()` tells callers
+  to prefer an XLA path instead);
+- anything else (CPU): the TPU kernel in Pallas interpret mode.
+
+With `segment_ids` (packed documents) the state is reset at each document start, as
+`jaxllm.ops.lightning_attention_packed`; only the TPU kernel has the resets, so a CUDA lowering
+runs it in interpret mode too (callers should take an XLA path there).
+"""
+
+import dataclasses
+import functools
+import importlib
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas.lightning_attention import tpu
+
+BACKENDS = (None, "tpu", "gpu")
+# K and V are zero-padded to a multiple of this (exact: zero columns of q, k and v and zero
+# rows/columns of the state contribute nothing).
+HEAD_DIM_MULTIPLE = 64
+
+
+@functools.cache
+def _gpu_module():
+    try:
+        return importlib.import_module("kernels_pallas.lightning_attention.gpu")
+    except Exception as e:  # a missing file, or an import-time failure of the Triton backend
+        warnings.warn(f"lightning attention GPU kernel unavailable ({e!r})", stacklevel=2)
+        return None
+
+
+def gpu_available() -> bool:
+    """Whether the GPU kernel (gpu.py) imports; without it CUDA falls back to interpret mode."""
+    return _gpu_module() is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    seq_len: int
+    block_t: int | None
+    block_v: int | None
+    backend: str | None
+    interpret: Any
+
+
+def document_runs(segment_ids_BT):
+    """[B, T] ids → [B, T] int32: how many document starts precede each token (0 at t = 0);
+    `jaxllm.ops.lightning_attention_packed.document_runs`, which kernels may not import."""
+    change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    zeros_B1 = jnp.zeros((segment_ids_BT.shape[0], 1), jnp.int32)
+    return jnp.concatenate([zeros_B1, jnp.cumsum(change_BT, axis=1, dtype=jnp.int32)], axis=1)
+
+
+def _device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def _pad_T(x, T_pad):
+    return jnp.pad(x, ((0, 0), (0, 0), (0, T_pad - x.shape[2]), (0, 0)))
+
+
+def _tpu_sizes(cfg, V):
+    """(block_t, block_v, chunk) for the TPU kernel. The table is keyed by the local device's
+    kind when it is a TPU; a compile for TPU from a CPU host gets sizes valid on every chip."""
+    bt, chunk = tpu.default_block_sizes(_device_kind())
+    bt = cfg.block_t or bt
+    chunk = min(chunk, bt)
+    # A short sequence needs no block longer than itself (rounded to whole chunks).
+    bt = min(bt, _round_up(cfg.seq_len, chunk))
+    block_v = cfg.block_v or (256 if V > 256 and V % 256 == 0 else V)
+    return bt, block_v, chunk
+
+
+def _gpu_sizes(cfg, gpu):
+    bt, block_v = gpu.default_block_sizes(_device_kind())
+    bt = cfg.block_t or bt
+    bt = min(bt, max(16, 1 << (cfg.seq_len - 1).bit_length()))
+    return bt, cfg.block_v or block_v
+
+
+def _run_tpu(cfg, interpret, fn, *args):
+    """fn is "forward" or "backward"; args (q, k, v, g, s0, run[, do, dsT]) head-major with T
+    unpadded, run [B, T] int32 or None."""
+    V = args[2].shape[-1]
+    bt, block_v, chunk = _tpu_sizes(cfg, V)
+    return _call(getattr(tpu, fn), args, bt, block_v, cfg.seq_len, interpret, chunk=chunk)
+
+
+def _run_gpu(cfg, interpret, fn, *args):
+    gpu = _gpu_module()
+    if gpu is None or args[5] is not None:  # gpu.py has no document resets
+        return _run_tpu(cfg, True if interpret is False else interpret, fn, *args)
+    bt, block_v = _gpu_sizes(cfg, gpu)
+    return _call(getattr(gpu, fn), args, bt, block_v, cfg.seq_len, interpret)
+
+
+def _call(kernel, args, bt, block_v, seq_len, interpret, **extra):
+    """Pads T to a multiple of bt (q, k, v, the runs and, in the backward, do), runs, unpads."""
+    T_pad = _round_up(seq_len, bt)
+    args = [_pad_T(x, T_pad) if i in (0, 1, 2, 6) else x for i, x in enumerate(args)]
+    run = args.pop(5)
+    if run is not None:
+        # The padding repeats the last run: its (zero) tokens start no document.
+        extra["run_BT"] = jnp.pad(run, ((0, 0), (0, T_pad - seq_len)), mode="edge")
+    out = kernel(*args, seq_len=seq_len, block_t=bt, block_v=block_v, interpret=interpret, **extra)
+    # forward: (o, sT); backward: (dq, dk, dv, ds0). All but the last are [B, H, T_pad, ·].
+    return (*(x[:, :, :seq_len] for x in out[:-1]), out[-1])
+
+
+def _dispatch(cfg, fn, *args):
+    if cfg.interpret not in (None, False):
+        run = _run_gpu if cfg.backend == "gpu" else _run_tpu
+        return run(cfg, cfg.interpret, fn, *args)
+    if cfg.backend == "tpu":
+        return _run_tpu(cfg, False, fn, *args)
+    if cfg.backend == "gpu":
+        return _run_gpu(cfg, False, fn, *args)
+    return lax.platform_dependent(
+        *args,
+        tpu=functools.partial(_run_tpu, cfg, False, fn),
+        cuda=functools.partial(_run_gpu, cfg, False, fn),
+        default=functools.partial(_run_tpu, cfg, True, fn),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lightning(q, k, v, g, s0, run, cfg):
+    return _dispatch(cfg, "forward", q, k, v, g, s0, run)
+
+
+def _lightning_fwd(q, k, v, g, s0, run, cfg):
+    return _dispatch(cfg, "forward", q, k, v, g, s0, run), (q, k, v, g, s0, run)
+
+
+def _lightning_bwd(cfg, res, cts):
+    q, k, v, g, s0, run = res
+    do, dsT = cts
+    dq, dk, dv, ds0 = _dispatch(cfg, "backward", q, k, v, g, s0, run, do.astype(v.dtype), dsT)
+    # The decay is a fixed buffer (as in the official kernels): no gradient flows to it; the
+    # runs are integers.
+    return dq, dk, dv, jnp.zeros_like(g), ds0, None
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def lightning_attention(
+    q_BTHK,
+    k_BTHK,
+    v_BTHV,
+    log_decay_H=None,
+    *,
+    initial_state=None,
+    return_final_state=False,
+    segment_ids=None,
+    block_t=None,
+    block_v=None,
+    backend=None,
+    interpret=None,
+):
+    """Causal linear attention with a per-head decay, by the Lightning Attention-2 kernels.
+
+    Args:
+      q_BTHK, k_BTHK: [B, T, H, K].  v_BTHV: [B, T, H, V] (bf16 or fp32; float32 accumulate).
+      log_decay_H: [H] float, log λ ≤ 0 per head; None for no decay. A non-differentiable
+        buffer (as in the official kernels): it is wrapped in `stop_gradient`.
+      initial_state: [B, H, K, V], the state before the first token (zeros when None).
+      return_final_state: also return the float32 state after the last token.
+      segment_ids: None, or [B, T] int document ids of packed rows: the state is reset
+        wherever the id changes (any values; the initial state continues into the row's first
+        document), as `jaxllm.ops.lightning_attention_packed`.
+      block_t, block_v: tokens per grid block and V columns per program (default: the
+        backend's table for the local chip; K, V are padded to multiples of 64 first).
+      backend: None (by the platform the computation is lowered for), "tpu" or "gpu".
+      interpret: None (interpret mode only where no kernel applies, e.g. on the CPU), or True
+        / a `pltpu.InterpretParams` to interpret the chosen kernel (TPU's unless backend="gpu").
+
+    Returns:
+      o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q_BTHK.ndim != 4 or q_BTHK.shape != k_BTHK.shape:
+        raise ValueError(f"q and k must both be [B, T, H, K], got {q_BTHK.shape}, {k_BTHK.shape}")
+    if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != q_BTHK.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v_BTHV.shape}")
+    B, T, H, K = q_BTHK.shape
+    V = v_BTHV.shape[-1]
+    if T < 1:
+        raise ValueError("lightning_attention needs at least one token")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}")
+    g_H = jnp.zeros((H,), jnp.float32) if log_decay_H is None else log_decay_H
+    g_H = lax.stop_gradient(jnp.asarray(g_H, jnp.float32))
+    if g_H.shape != (H,):
+        raise ValueError(f"log_decay_H must have shape [H] = ({H},), got {g_H.shape}")
+    run = None
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+        if backend == "gpu":
+            raise ValueError("the GPU kernel has no document resets: segment_ids needs the TPU's")
+        run = document_runs(segment_ids)
+    s0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
+    Kp, Vp = _round_up(K, HEAD_DIM_MULTIPLE), _round_up(V, HEAD_DIM_MULTIPLE)
+    s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+
+    def head_major(x, X):
+        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0),) * 3 + ((0, X - x.shape[-1]),))
+
+    cfg = _Config(T, block_t, block_v, backend, interpret)
+    # One dtype for the MXU operands: q's (the output's).
+    q = head_major(q_BTHK, Kp)
+    k = head_major(k_BTHK.astype(q.dtype), Kp)
+    v = head_major(v_BTHV.astype(q.dtype), Vp)
+    o_BHTV, sT = _lightning(q, k, v, g_H, s0, run, cfg)
+    o_BTHV = jnp.swapaxes(o_BHTV[..., :V], 1, 2)
+    return (o_BTHV, sT[:, :, :K, :V]) if return_final_state else o_BTHV

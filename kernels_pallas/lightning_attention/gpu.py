@@ -1,0 +1,324 @@
+"""Lightning Attention-2 on GPU: Pallas kernels through the Triton lowering.
+
+Per (batch, head), λ = exp(g) and blocks of C = block_t tokens, block n holding L_n real tokens
+(C except in the padded tail) and entering with state S_n [K, V] (j, i index inside the block):
+
+    o_j     = Σ_{i≤j} λ^{j−i} (q_j·k_i) v_i + λ^{j+1} q_j S_n
+    S_{n+1} = λ^{L_n} S_n + Σ_i λ^{L_n−1−i} k_iᵀ v_i
+
+and, with G_n the cotangent of S_n (G_N = the final-state cotangent, G_0 = ds0):
+
+    dq = [(dO Vᵀ) ⊙ D] K + λ^{j+1} dO S_nᵀ
+    dk = [(dO Vᵀ) ⊙ D]ᵀ Q + λ^{L−1−i} V G_{n+1}ᵀ
+    dv = [(Q Kᵀ) ⊙ D]ᵀ dO + λ^{L−1−i} K G_{n+1}
+    G_n = λ^{L_n} G_{n+1} + (λ^{j+1} Q)ᵀ dO
+
+with D_ji = λ^{j−i} for j ≥ i, else 0. Only λ^p with p ≥ 0 is ever formed (as exp(p·g)).
+
+As in the official kernels (`lightning_attn2.py`, see linear_attention.md §2), every program
+owns one (batch·head, V-tile) pair and walks the sequence with a `fori_loop`, its float32
+[K, block_v] state in registers: the forward and the dq kernel sweep forwards rebuilding S_n,
+the dk/dv/ds0 kernel sweeps backwards carrying G_n. The state's columns are independent, so
+tiling V is exact for o, sT, dv and ds0; dq and dk sum over V, so with more than one V tile each
+tile writes a float32 partial that XLA adds up.
+
+Why Triton and not Mosaic GPU: in jax 0.10.2 Mosaic GPU is the default Pallas GPU lowering, but
+its `pallas_call` path is deprecated for `plgpu.kernel`, where the kernel would manage shared
+memory, TMA copies and warpgroup MMAs itself (Hopper and later only). The Triton lowering takes
+this kernel's shape of code as the official kernels have it (pointer loads, a `fori_loop` with
+the state in registers, small `dot`s) on any sm80+ GPU, runs in interpret mode on the CPU and
+lowers to Triton IR without a GPU. Passing `triton.CompilerParams` selects it explicitly.
+
+Triton wants power-of-two tile shapes: block_t and block_v must be powers of two (≥ 16, the
+smallest MMA tile) and K is zero-padded to the next power of two here (exact: zero columns of
+q and k and zero rows of the state contribute nothing).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels_pallas.vma import out_shape
+
+# (block_t, block_v) by device_kind substring, first match wins. Untuned (no GPU was at hand
+# when this was written); chosen from each GPU's shared memory per block, which Triton fills
+# with num_stages copies of the per-iteration tiles (q, k [C, K] and v, dO [C, block_v]) plus
+# the dot operands it stages: ≈ 100 KiB for C = block_v = 64, K = 128, bf16, two stages.
+# - H100 / H200 / H800 / GH200 / B200 (227 KiB): C = 64 as the official kernels, block_v = 64
+#   so that b·h·(V/64) programs fill 132 SMs at the benchmark's b = 4, h = 32.
+# - A100 / A800 (163 KiB): the official kernels' A100 sizes, BLOCK = 64, BLOCK_MODEL = 32.
+# - Everything else (RTX 30xx/40xx/50xx, A10, A40, L4, L40: 99 KiB): the official A100 sizes
+#   fail there with "OutOfResources: shared memory" (lightning-attention #4; vLLM #41508 halves
+#   CBLOCK for it), so C = 32, block_v = 32.
+BLOCK_SIZES = (
+    (("H100", "H200", "H800", "GH200", "B200", "B100", "GB200"), (64, 64)),
+    (("A100", "A800"), (64, 32)),
+)
+FALLBACK_BLOCK_SIZES = (32, 32)
+
+
+def default_block_sizes(device_kind):
+    """(block_t, block_v) for a GPU named by `jax.Device.device_kind`, e.g. "NVIDIA H100"."""
+    for names, sizes in BLOCK_SIZES:
+        if any(name in device_kind for name in names):
+            return sizes
+    return FALLBACK_BLOCK_SIZES
+
+
+def _compiler_params(block_t, K, block_v, itemsize):
+    """Warps and pipeline stages from the tile sizes (untuned): two stages while one
+    iteration's loads (q, k, v, dO) stay within 48 KiB, else one (fp32 at the H100 sizes)."""
+    tile_bytes = 2 * block_t * (K + block_v) * itemsize
+    num_warps = 4 if block_t * max(K, block_v) <= 64 * 64 else 8
+    return pltriton.CompilerParams(
+        num_warps=num_warps, num_stages=2 if tile_bytes <= 48 << 10 else 1
+    )
+
+
+def _dot(a, b, contract=(1, 0)):
+    """a·b contracting a's dim contract[0] with b's dim contract[1], accumulated in float32."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _decays(g, C):
+    """D [C, C] (λ^{j−i} on and below the diagonal, 0 above) and λ^{j+1} as a [C, 1] column."""
+    j = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    i = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    # Clamp before exp: above the diagonal the exponent would be positive.
+    diag_CC = jnp.where(j >= i, jnp.exp(g * jnp.maximum(j - i, 0).astype(jnp.float32)), 0.0)
+    q_decay_C1 = jnp.exp(g * (lax.broadcasted_iota(jnp.int32, (C, 1), 0) + 1).astype(jnp.float32))
+    return diag_CC, q_decay_C1
+
+
+def _block_decays(g, n, C, seq_len):
+    """λ^{L_n} and the key decays λ^{L_n−1−i} [C, 1] of block n with L_n real tokens (padded keys
+    are zero, so clamping their negative exponents to 0 changes nothing)."""
+    L = jnp.clip(seq_len - n * C, 0, C)
+    i = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+    k_decay_C1 = jnp.exp(g * jnp.maximum(L - 1 - i, 0).astype(jnp.float32))
+    return jnp.exp(g * L.astype(jnp.float32)), k_decay_C1
+
+
+def _fwd_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *, seq_len, block_t):
+    """One (batch·head, V tile): q, k [T, K], v, o [T, Bv], s0, sT [K, Bv]."""
+    C = block_t
+    g = g_ref[...]
+    diag_CC, q_decay_C1 = _decays(g, C)
+
+    def body(n, S_KV):
+        t = pl.ds(pl.multiple_of(n * C, C), C)
+        q_CK, k_CK, v_CV = q_ref[t, :], k_ref[t, :], v_ref[t, :]
+        scores_CC = _dot(q_CK, k_CK, (1, 1)) * diag_CC
+        o_CV = _dot(scores_CC.astype(v_CV.dtype), v_CV)
+        o_CV += _dot(q_CK, S_KV.astype(q_CK.dtype)) * q_decay_C1
+        o_ref[t, :] = o_CV.astype(o_ref.dtype)
+        block_decay, k_decay_C1 = _block_decays(g, n, C, seq_len)
+        kd_CK = (k_CK * k_decay_C1).astype(k_CK.dtype)
+        return block_decay * S_KV + _dot(kd_CK, v_CV, (0, 0))
+
+    sT_ref[...] = lax.fori_loop(0, q_ref.shape[0] // C, body, s0_ref[...])
+
+
+def _bwd_dq_kernel(g_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, seq_len, block_t):
+    """Forward sweep rebuilding S_n: dq [T, K] (this V tile's share) from k, v, dO, s0."""
+    C = block_t
+    g = g_ref[...]
+    diag_CC, q_decay_C1 = _decays(g, C)
+
+    def body(n, S_KV):
+        t = pl.ds(pl.multiple_of(n * C, C), C)
+        k_CK, v_CV, do_CV = k_ref[t, :], v_ref[t, :], do_ref[t, :]
+        dov_CC = _dot(do_CV, v_CV, (1, 1)) * diag_CC
+        dq_CK = _dot(dov_CC.astype(k_CK.dtype), k_CK)
+        dq_CK += _dot(do_CV, S_KV.astype(do_CV.dtype), (1, 1)) * q_decay_C1
+        dq_ref[t, :] = dq_CK.astype(dq_ref.dtype)
+        block_decay, k_decay_C1 = _block_decays(g, n, C, seq_len)
+        kd_CK = (k_CK * k_decay_C1).astype(k_CK.dtype)
+        return block_decay * S_KV + _dot(kd_CK, v_CV, (0, 0))
+
+    lax.fori_loop(0, k_ref.shape[0] // C, body, s0_ref[...])
+
+
+def _bwd_dkdv_kernel(
+    g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, dk_ref, dv_ref, ds0_ref, *, seq_len, block_t
+):
+    """Reverse sweep carrying G_n: dk [T, K] (this V tile's share), dv [T, Bv], ds0 [K, Bv]."""
+    C = block_t
+    g = g_ref[...]
+    diag_CC, q_decay_C1 = _decays(g, C)
+    num_blocks = q_ref.shape[0] // C
+
+    def body(step, G_KV):
+        n = num_blocks - 1 - step
+        t = pl.ds(pl.multiple_of(n * C, C), C)
+        q_CK, k_CK, v_CV, do_CV = q_ref[t, :], k_ref[t, :], v_ref[t, :], do_ref[t, :]
+        block_decay, k_decay_C1 = _block_decays(g, n, C, seq_len)
+        scores_CC = _dot(q_CK, k_CK, (1, 1)) * diag_CC
+        dov_CC = _dot(do_CV, v_CV, (1, 1)) * diag_CC
+        dv_CV = _dot(scores_CC.astype(do_CV.dtype), do_CV, (0, 0))
+        dv_CV += _dot(k_CK, G_KV.astype(k_CK.dtype)) * k_decay_C1
+        dk_CK = _dot(dov_CC.astype(q_CK.dtype), q_CK, (0, 0))
+        dk_CK += _dot(v_CV, G_KV.astype(v_CV.dtype), (1, 1)) * k_decay_C1
+        dv_ref[t, :] = dv_CV.astype(dv_ref.dtype)
+        dk_ref[t, :] = dk_CK.astype(dk_ref.dtype)
+        qd_CK = (q_CK * q_decay_C1).astype(q_CK.dtype)
+        return block_decay * G_KV + _dot(qd_CK, do_CV, (0, 0))
+
+    ds0_ref[...] = lax.fori_loop(0, num_blocks, body, dsT_ref[...])
+
+
+def _check(q, v, seq_len, block_t, block_v):
+    T, V = q.shape[2], v.shape[3]
+    for name, size in (("block_t", block_t), ("block_v", block_v)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two ≥ 16 for Triton, got {size}")
+    if T % block_t or V % block_v:
+        raise ValueError(
+            f"T={T} and V={V} must be multiples of block_t={block_t}, block_v={block_v}"
+        )
+    if not 0 < seq_len <= T:
+        raise ValueError(f"seq_len must be in (0, T={T}], got {seq_len}")
+
+
+def _next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def _flat(x):
+    """[B, H, ...] → [B·H, ...] (a free reshape)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _specs(T, K, block_v, H):
+    """BlockSpecs on the (batch·head, V tile) grid: g per head, [T, K], [T, Bv], [K, Bv]."""
+    return dict(
+        g=pl.BlockSpec((None,), lambda bh, iv: (bh % H,)),
+        TK=pl.BlockSpec((None, T, K), lambda bh, iv: (bh, 0, 0)),
+        TV=pl.BlockSpec((None, T, block_v), lambda bh, iv: (bh, 0, iv)),
+        KV=pl.BlockSpec((None, K, block_v), lambda bh, iv: (bh, 0, iv)),
+    )
+
+
+def _pad_axis(x, axis, size):
+    """Zero-pad one axis of x up to size."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _sum_partials(x_NBHTK, B, H, K, dtype):
+    """Add the V tiles' shares and restore [B, H, T, K] (dropping K's padding) in dtype."""
+    x = x_NBHTK[0] if x_NBHTK.shape[0] == 1 else x_NBHTK.sum(0)
+    return x.reshape(B, H, *x.shape[1:])[..., :K].astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "interpret"))
+def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, seq_len, block_t, block_v, interpret=False):
+    """Lightning attention forward.
+
+    Args:
+      q_BHTK, k_BHTK: [B, H, T, K].  v_BHTV: [B, H, T, V].  One dtype (bf16 or fp32) for all
+        three: they meet in the same MMAs. T a multiple of block_t, V of block_v; tokens from
+        seq_len on are zero padding.
+      g_H: [H] float32 log decay (≤ 0).  s0_BHKV: [B, H, K, V] float32 initial state.
+      seq_len: the number of real tokens (static); the state does not decay over the padding.
+      block_t, block_v: tokens per block and V columns per program, powers of two ≥ 16.
+      interpret: run in Pallas interpret mode (CPU).
+
+    Returns:
+      (o [B, H, T, V] in q's dtype, final state [B, H, K, V] float32).
+    """
+    _check(q_BHTK, v_BHTV, seq_len, block_t, block_v)
+    B, H, T, K = q_BHTK.shape
+    V = v_BHTV.shape[3]
+    Kp = _next_pow2(K)
+    q, k = (_flat(_pad_axis(x, 3, Kp)) for x in (q_BHTK, k_BHTK))
+    s0 = _flat(_pad_axis(s0_BHKV.astype(jnp.float32), 2, Kp))
+    spec = _specs(T, Kp, block_v, H)
+    o, sT = pl.pallas_call(
+        functools.partial(_fwd_kernel, seq_len=seq_len, block_t=block_t),
+        grid=(B * H, V // block_v),
+        in_specs=[spec["g"], spec["TK"], spec["TK"], spec["TV"], spec["KV"]],
+        out_specs=[spec["TV"], spec["KV"]],
+        out_shape=[
+            out_shape((B * H, T, V), q_BHTK.dtype, q, k, v_BHTV, s0),
+            out_shape((B * H, Kp, V), jnp.float32, q, k, v_BHTV, s0),
+        ],
+        compiler_params=_compiler_params(block_t, Kp, block_v, q_BHTK.dtype.itemsize),
+        interpret=interpret,
+        name="lightning_attention_fwd",
+    )(g_H.astype(jnp.float32), q, k, _flat(v_BHTV), s0)
+    return o.reshape(B, H, T, V), sT.reshape(B, H, Kp, V)[:, :, :K]
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "interpret"))
+def backward(
+    q_BHTK,
+    k_BHTK,
+    v_BHTV,
+    g_H,
+    s0_BHKV,
+    do_BHTV,
+    dsT_BHKV,
+    *,
+    seq_len,
+    block_t,
+    block_v,
+    interpret=False,
+):
+    """Lightning attention backward: the cotangents of q, k, v and s0 (g is not differentiated).
+
+    Arguments as `forward`, plus do_BHTV [B, H, T, V] (o's cotangent) and dsT_BHKV [B, H, K, V]
+    (the final state's). Returns (dq, dk [B, H, T, K], dv [B, H, T, V]) in the inputs' dtypes and
+    ds0 [B, H, K, V] float32.
+    """
+    _check(q_BHTK, v_BHTV, seq_len, block_t, block_v)
+    B, H, T, K = q_BHTK.shape
+    V = v_BHTV.shape[3]
+    Kp, nV = _next_pow2(K), V // block_v
+    q, k = (_flat(_pad_axis(x, 3, Kp)) for x in (q_BHTK, k_BHTK))
+    s0, dsT = (_flat(_pad_axis(x.astype(jnp.float32), 2, Kp)) for x in (s0_BHKV, dsT_BHKV))
+    v, do = _flat(v_BHTV), _flat(do_BHTV.astype(v_BHTV.dtype))
+    g = g_H.astype(jnp.float32)
+    spec = _specs(T, Kp, block_v, H)
+    # dq and dk sum over V: each V tile writes its share, in float32 when there are several.
+    partial_spec = pl.BlockSpec((None, None, T, Kp), lambda bh, iv: (iv, bh, 0, 0))
+    partial_dtype = q_BHTK.dtype if nV == 1 else jnp.float32
+    inputs = (q, k, v, do, s0, dsT)
+    partial_shape = out_shape((nV, B * H, T, Kp), partial_dtype, *inputs)
+    common = dict(
+        grid=(B * H, nV),
+        compiler_params=_compiler_params(block_t, Kp, block_v, q_BHTK.dtype.itemsize),
+        interpret=interpret,
+    )
+    dq = pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, seq_len=seq_len, block_t=block_t),
+        in_specs=[spec["g"], spec["TK"], spec["TV"], spec["TV"], spec["KV"]],
+        out_specs=partial_spec,
+        out_shape=partial_shape,
+        name="lightning_attention_bwd_dq",
+        **common,
+    )(g, k, v, do, s0)
+    dk, dv, ds0 = pl.pallas_call(
+        functools.partial(_bwd_dkdv_kernel, seq_len=seq_len, block_t=block_t),
+        in_specs=[spec["g"], spec["TK"], spec["TK"], spec["TV"], spec["TV"], spec["KV"]],
+        out_specs=[partial_spec, spec["TV"], spec["KV"]],
+        out_shape=[
+            partial_shape,
+            out_shape((B * H, T, V), v_BHTV.dtype, *inputs),
+            out_shape((B * H, Kp, V), jnp.float32, *inputs),
+        ],
+        name="lightning_attention_bwd_dkdv",
+        **common,
+    )(g, q, k, v, do, dsT)
+    return (
+        _sum_partials(dq, B, H, K, q_BHTK.dtype),
+        _sum_partials(dk, B, H, K, k_BHTK.dtype),
+        dv.reshape(B, H, T, V),
+        ds0.reshape(B, H, Kp, V)[:, :, :K],
+    )

@@ -1,0 +1,377 @@
+"""Lightning Attention-2 as Pallas TPU (Mosaic) kernels: forward and backward.
+
+Per batch element b and head h, with λ = exp(g_h) (g_h ≤ 0) and the sequence cut into chunks
+of C tokens (j, i the positions inside a chunk, L the chunk's count of real tokens):
+
+    O_intra = [(Q Kᵀ) ⊙ D] V,   D_ji = λ^{j−i} (j ≥ i, else 0)
+    O_inter = diag(λ^{j+1}) Q S
+    S ← λ^L S + (diag(λ^{L−1−i}) K)ᵀ V
+
+Only powers λ^p with p ≥ 0 are formed. The grid is (B, H, V/block_v, T/block_t): the last
+axis walks the sequence in order ("arbitrary") and carries the float32 [K, block_v] state in
+VMEM scratch; each grid step loads block_t tokens and loops over its chunks of C ≤ block_t
+tokens, so a step does enough work to hide the pipeline's per-step cost while the quadratic
+intra-chunk part stays at C tokens. The other axes are independent ("parallel", split over
+the TensorCores of a megacore chip).
+
+The backward pass (Lightning Attention-2 §3.3), in two sequential sweeps:
+- forward sweep: rebuild S chunk by chunk; dQ = [(dO Vᵀ) ⊙ D] K + diag(λ^{j+1}) dO Sᵀ;
+- reverse sweep with dS (the cotangent of the state entering the chunk, seeded with the
+  final state's cotangent): dK = [(dO Vᵀ) ⊙ D]ᵀ Q + diag(λ^{L−1−i}) V dSᵀ,
+  dV = [(Q Kᵀ) ⊙ D]ᵀ dO + diag(λ^{L−1−i}) K dS, then dS ← λ^L dS + (diag(λ^{j+1}) Q)ᵀ dO;
+  after the first chunk dS is the initial state's cotangent.
+dQ and dK sum over V, so with several V tiles each tile writes a float32 partial and the
+wrapper adds them.
+
+Packed documents (optional `run_BT`, [B, T] int32: how many document starts precede each
+token; padded tokens repeat the last run) reset the state at each document start,
+S_t = (1 − r_t) λ S_{t−1} + k_tᵀ v_t, the initial state continuing into the first document.
+Per chunk, with p the run of the token before it (the first token's own run for the first
+chunk) and l the run of its last token:
+
+    D ← D ⊙ [run_j = run_i],   O_inter ← O_inter ⊙ [run_j = p],
+    S ← [l = p] λ^L S + (diag(λ^{L−1−i} [run_i = l]) K)ᵀ V,
+
+and the backward pass applies the same masks. The per-token masks [run = p], [run = l] are
+formed by the wrapper (they depend only on the chunking), and [l = p] is their chunk minimum
+(runs never decrease). Without `run_BT` none of this is traced.
+
+Inputs are head-major [B, H, T, K], T zero-padded to a multiple of block_t, K and V to
+multiples of 64; `seq_len` is the true length, so the state never decays over the padding.
+Matmul operands are in the input dtype, accumulation and the state in float32.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas.vma import out_shape
+
+# (block_t, chunk) per TPU generation, chosen from the hardware, not yet timed on a chip: the
+# chunk is the MXU's width (128 on v4/v5e/v5p, 256 on v6e and later); block_t = 4 chunks makes
+# one grid step several µs of MXU work at K=V=128, well above the ~0.35 µs fixed cost of a
+# step, while the double-buffered q/k/v/o blocks stay near 1-2 MiB of VMEM. All compile for
+# v5e, v5p and v6e (tests/kernels_pallas/test_lightning_aot.py).
+BLOCK_SIZES = {
+    "v4": (512, 128),
+    "v5e": (512, 128),
+    "v5p": (512, 128),
+    "v6e": (1024, 256),
+    "v7": (1024, 256),
+}
+DEFAULT_BLOCK_SIZES = (512, 128)
+
+
+def default_block_sizes(device_kind: str) -> tuple[int, int]:
+    """(block_t, chunk) for a TPU `jax.Device.device_kind` such as "TPU v5 lite"; unknown kinds
+    (and non-TPU devices) get sizes valid on every generation."""
+    kind = device_kind.lower().replace("tpu", "").replace(" ", "")
+    aliases = {"v5lite": "v5e", "v6lite": "v6e", "v5": "v5p", "v4lite": "v4", "7": "v7",
+               "7x": "v7"}  # fmt: skip
+    return BLOCK_SIZES.get(aliases.get(kind, kind), DEFAULT_BLOCK_SIZES)
+
+
+def _chunk_for(block_t: int, chunk: int | None) -> int:
+    if chunk is None:
+        chunk = DEFAULT_BLOCK_SIZES[1]
+    chunk = min(chunk, block_t)
+    if block_t % chunk:
+        raise ValueError(f"block_t ({block_t}) must be a multiple of the chunk ({chunk})")
+    return chunk
+
+
+def _rows(shape, dim=0):
+    return lax.broadcasted_iota(jnp.int32, shape, dim).astype(jnp.float32)
+
+
+def _pow(g, p):
+    """λ^p = exp(g·p) for an array p ≥ 0 of exponents."""
+    return jnp.exp(g * p)
+
+
+def _decay_mask(g, C):
+    """D [C, C]: λ^{j−i} below and on the diagonal, 0 above."""
+    dist = _rows((C, C), 0) - _rows((C, C), 1)
+    return jnp.where(dist >= 0, _pow(g, jnp.maximum(dist, 0.0)), 0.0)
+
+
+def _dot(a, b):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+    """a bᵀ, contracting the last axes."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):
+    """aᵀ b, contracting the first axes."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _chunk_len(seq_len, start, C):
+    """Real tokens in the chunk of C tokens from `start` (C except in the padded tail)."""
+    return jnp.clip(seq_len - start, 0, C).astype(jnp.float32)
+
+
+def _params(interpret, n_parallel):
+    sem = (pltpu.PARALLEL,) * n_parallel + (pltpu.ARBITRARY,)
+    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=sem), interpret=interpret)
+
+
+def _g_spec():
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
+
+
+def _mask_inputs(run_BT, C):
+    """The packed path's per-token inputs for chunks of C tokens, from run_BT [B, T] int32:
+    run as a column [B, T, 1] and a row [B, 1, T] (the [C, C] same-document mask compares
+    them; Mosaic does not transpose a vector), and the float32 columns [run = p] (reads the
+    incoming state) and [run = l] (enters the outgoing state)."""
+    B, T = run_BT.shape
+    run_BNC = run_BT.astype(jnp.int32).reshape(B, T // C, C)
+    prev_BN = jnp.concatenate([run_BNC[:, :1, 0], run_BNC[:, :-1, -1]], axis=1)
+    last_BN = run_BNC[:, :, -1]
+
+    def column(mask_BNC):
+        return mask_BNC.astype(jnp.float32).reshape(B, T, 1)
+
+    keep_in, keep_out = column(run_BNC == prev_BN[..., None]), column(run_BNC == last_BN[..., None])
+    return run_BNC.reshape(B, T, 1), run_BNC.reshape(B, 1, T), keep_in, keep_out
+
+
+def _mask_specs(block_t, block):
+    col = pl.BlockSpec((1, block_t, 1), lambda b, h, e, n: (b, block(n), 0))
+    row = pl.BlockSpec((1, 1, block_t), lambda b, h, e, n: (b, 0, block(n)))
+    return [col, row, col, col]
+
+
+def _split(refs, packed):
+    """The kernel's trailing refs → (the four mask refs or None, the rest)."""
+    return (refs[:4], refs[4:]) if packed else (None, refs)
+
+
+def _chunk_masks(mask_refs, rows):
+    """(same [C, C], keep_in [C, 1], keep_out [C, 1], keep_state [1, 1]) float32 for the
+    chunk at `rows`: [run_j = run_i], [run_j = p], [run_i = l] and [l = p]."""
+    col_ref, row_ref, in_ref, out_ref = mask_refs
+    same = (col_ref[0, rows, :] == row_ref[0, :, rows]).astype(jnp.float32)
+    keep_in = in_ref[0, rows, :]
+    return same, keep_in, out_ref[0, rows, :], jnp.min(keep_in, axis=0, keepdims=True)
+
+
+def _chunk_decays(g, L, j, D, mask_refs, rows):
+    """(D, q_decay [C, 1], k_decay [C, 1], state decay [1, 1]) of one chunk of L real tokens,
+    masked by the documents when packed."""
+    q_decay = _pow(g, j + 1.0)
+    k_decay = _pow(g, jnp.maximum(L - 1.0 - j, 0.0))
+    s_decay = _pow(g, jnp.full((1, 1), L))
+    if mask_refs is None:
+        return D, q_decay, k_decay, s_decay
+    same, keep_in, keep_out, keep_state = _chunk_masks(mask_refs, rows)
+    return D * same, q_decay * keep_in, k_decay * keep_out, s_decay * keep_state
+
+
+def _fwd_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, *refs, seq_len, block_t, C, packed):
+    mask_refs, (o_ref, sT_ref, s_scr, d_scr) = _split(refs, packed)
+    n = pl.program_id(3)
+    g = g_ref[pl.program_id(1)]
+
+    @pl.when(n == 0)
+    def _():
+        s_scr[...] = s0_ref[0, 0]
+        d_scr[...] = _decay_mask(g, C)
+
+    j = _rows((C, 1))
+
+    def chunk(c, carry):
+        rows = pl.ds(pl.multiple_of(c * C, C), C)
+        q, k, v = q_ref[0, 0, rows, :], k_ref[0, 0, rows, :], v_ref[0, 0, rows, :]
+        L = _chunk_len(seq_len, n * block_t + c * C, C)
+        D, q_decay, k_decay, s_decay = _chunk_decays(g, L, j, d_scr[...], mask_refs, rows)
+        S = s_scr[...]
+        scores = _dot_t(q, k) * D
+        o = _dot(scores.astype(v.dtype), v) + _dot(q, S.astype(q.dtype)) * q_decay
+        o_ref[0, 0, rows, :] = o.astype(o_ref.dtype)
+        kd = (k.astype(jnp.float32) * k_decay).astype(v.dtype)
+        s_scr[...] = s_decay * S + _t_dot(kd, v)
+        return carry
+
+    lax.fori_loop(0, block_t // C, chunk, 0)
+
+    @pl.when(n == pl.num_programs(3) - 1)
+    def _():
+        sT_ref[0, 0] = s_scr[...]
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "chunk", "interpret"))
+def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block_t, block_v,
+            chunk=None, interpret=False):  # fmt: skip
+    """o [B, H, T, V] in q's dtype and the final state sT [B, H, K, V] float32.
+
+    q, k [B, H, T, K], v [B, H, T, V] (T a multiple of block_t, zero beyond seq_len),
+    g_H [H] float32 log decay ≤ 0, s0 [B, H, K, V] float32. block_v must divide V; chunk
+    (default 128, at most block_t) must divide block_t. run_BT: None, or [B, T] int32 document
+    runs for packed rows (nondecreasing; the padding repeats the last run).
+    """
+    B, H, T, K = q_BHTK.shape
+    V = v_BHTV.shape[-1]
+    C = _chunk_for(block_t, chunk)
+    grid = (B, H, V // block_v, T // block_t)
+    qk_spec = pl.BlockSpec((1, 1, block_t, K), lambda b, h, e, n: (b, h, n, 0))
+    v_spec = pl.BlockSpec((1, 1, block_t, block_v), lambda b, h, e, n: (b, h, n, e))
+    s_spec = pl.BlockSpec((1, 1, K, block_v), lambda b, h, e, n: (b, h, 0, e))
+    packed = run_BT is not None
+    kernel = functools.partial(_fwd_kernel, seq_len=seq_len, block_t=block_t, C=C, packed=packed)
+    inputs = (g_H.astype(jnp.float32), q_BHTK, k_BHTK, v_BHTV, s0_BHKV.astype(jnp.float32))
+    in_specs = [_g_spec(), qk_spec, qk_spec, v_spec, s_spec]
+    masks = _mask_inputs(run_BT, C) if packed else ()
+    if packed:
+        in_specs += _mask_specs(block_t, lambda n: n)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[v_spec, s_spec],
+        out_shape=[
+            out_shape((B, H, T, V), q_BHTK.dtype, *inputs),
+            out_shape((B, H, K, V), jnp.float32, *inputs),
+        ],
+        scratch_shapes=[pltpu.VMEM((K, block_v), jnp.float32), pltpu.VMEM((C, C), jnp.float32)],
+        **_params(interpret, 3),
+    )(*inputs, *masks)
+
+
+def _dq_kernel(g_ref, k_ref, v_ref, do_ref, s0_ref, *refs, seq_len, block_t, C, packed):
+    """Forward sweep: rebuild S and write dQ (a partial over this V tile)."""
+    mask_refs, (dq_ref, s_scr, d_scr) = _split(refs, packed)
+    n = pl.program_id(3)
+    g = g_ref[pl.program_id(1)]
+
+    @pl.when(n == 0)
+    def _():
+        s_scr[...] = s0_ref[0, 0]
+        d_scr[...] = _decay_mask(g, C)
+
+    j = _rows((C, 1))
+
+    def chunk(c, carry):
+        rows = pl.ds(pl.multiple_of(c * C, C), C)
+        k, v, do = k_ref[0, 0, rows, :], v_ref[0, 0, rows, :], do_ref[0, 0, rows, :]
+        L = _chunk_len(seq_len, n * block_t + c * C, C)
+        D, q_decay, k_decay, s_decay = _chunk_decays(g, L, j, d_scr[...], mask_refs, rows)
+        S = s_scr[...]
+        dp = _dot_t(do, v) * D
+        dq = _dot(dp.astype(k.dtype), k) + _dot_t(do, S.astype(do.dtype)) * q_decay
+        dq_ref[0, 0, 0, rows, :] = dq.astype(dq_ref.dtype)
+        kd = (k.astype(jnp.float32) * k_decay).astype(v.dtype)
+        s_scr[...] = s_decay * S + _t_dot(kd, v)
+        return carry
+
+    lax.fori_loop(0, block_t // C, chunk, 0)
+
+
+def _dkv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, block_t, C,
+                n_blocks, packed):  # fmt: skip
+    """Reverse sweep over blocks (and chunks) with dS: write dK (a partial), dV and dS₀."""
+    mask_refs, (dk_ref, dv_ref, ds0_ref, ds_scr, d_scr) = _split(refs, packed)
+    n = pl.program_id(3)
+    g = g_ref[pl.program_id(1)]
+
+    @pl.when(n == 0)
+    def _():
+        ds_scr[...] = dsT_ref[0, 0]
+        d_scr[...] = _decay_mask(g, C)
+
+    j = _rows((C, 1))
+    n_chunks = block_t // C
+
+    def chunk(r, carry):
+        c = n_chunks - 1 - r
+        rows = pl.ds(pl.multiple_of(c * C, C), C)
+        q, k = q_ref[0, 0, rows, :], k_ref[0, 0, rows, :]
+        v, do = v_ref[0, 0, rows, :], do_ref[0, 0, rows, :]
+        L = _chunk_len(seq_len, (n_blocks - 1 - n) * block_t + c * C, C)
+        D, q_decay, k_decay, s_decay = _chunk_decays(g, L, j, d_scr[...], mask_refs, rows)
+        dS = ds_scr[...]
+        dp = _dot_t(do, v) * D
+        p = _dot_t(q, k) * D
+        dk = _t_dot(dp.astype(q.dtype), q) + _dot_t(v, dS.astype(v.dtype)) * k_decay
+        dv = _t_dot(p.astype(do.dtype), do) + _dot(k, dS.astype(k.dtype)) * k_decay
+        dk_ref[0, 0, 0, rows, :] = dk.astype(dk_ref.dtype)
+        dv_ref[0, 0, rows, :] = dv.astype(dv_ref.dtype)
+        qd = (q.astype(jnp.float32) * q_decay).astype(do.dtype)
+        ds_scr[...] = s_decay * dS + _t_dot(qd, do)
+        return carry
+
+    lax.fori_loop(0, n_chunks, chunk, 0)
+
+    @pl.when(n == pl.num_programs(3) - 1)
+    def _():
+        ds0_ref[0, 0] = ds_scr[...]
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "chunk", "interpret"))
+def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block_t, block_v,
+             chunk=None, interpret=False):  # fmt: skip
+    """(dq, dk, dv, ds0): the cotangents of `forward`'s inputs given do [B, H, T, V] and the
+    final state's cotangent dsT [B, H, K, V] float32. dq, dk, dv in the inputs' dtype, ds0
+    float32. Arguments otherwise as `forward`."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    C = _chunk_for(block_t, chunk)
+    NV, NB = V // block_v, T // block_t
+    grid = (B, H, NV, NB)
+    packed = run_BT is not None
+    masks = _mask_inputs(run_BT, C) if packed else ()
+    # Partial dq/dk per V tile: float32 unless there is only one tile.
+    part_dtype = q.dtype if NV == 1 else jnp.float32
+    inputs = (g_H.astype(jnp.float32), q, k, v, do_BHTV, s0, dsT_BHKV)
+    part_shape = out_shape((NV, B, H, T, K), part_dtype, *inputs)
+    s_spec = pl.BlockSpec((1, 1, K, block_v), lambda b, h, e, n: (b, h, 0, e))
+    scratch = [pltpu.VMEM((K, block_v), jnp.float32), pltpu.VMEM((C, C), jnp.float32)]
+    g_H = inputs[0]
+
+    def specs(block):
+        """BlockSpecs for q/k, v/do, the dq/dk partials and the masks, walking the blocks as
+        block(n)."""
+        qk = pl.BlockSpec((1, 1, block_t, K), lambda b, h, e, n: (b, h, block(n), 0))
+        vv = pl.BlockSpec((1, 1, block_t, block_v), lambda b, h, e, n: (b, h, block(n), e))
+        part = pl.BlockSpec((1, 1, 1, block_t, K), lambda b, h, e, n: (e, b, h, block(n), 0))
+        return qk, vv, part, _mask_specs(block_t, block) if packed else []
+
+    kw = dict(seq_len=seq_len, block_t=block_t, C=C, packed=packed)
+    qk, vv, part, mask_specs = specs(lambda n: n)
+    dq_parts = pl.pallas_call(
+        functools.partial(_dq_kernel, **kw),
+        grid=grid,
+        in_specs=[_g_spec(), qk, vv, vv, s_spec, *mask_specs],
+        out_specs=part,
+        out_shape=part_shape,
+        scratch_shapes=scratch,
+        **_params(interpret, 3),
+    )(g_H, k, v, do_BHTV, s0.astype(jnp.float32), *masks)
+
+    qk, vv, part, mask_specs = specs(lambda n: NB - 1 - n)
+    dk_parts, dv, ds0 = pl.pallas_call(
+        functools.partial(_dkv_kernel, n_blocks=NB, **kw),
+        grid=grid,
+        in_specs=[_g_spec(), qk, qk, vv, vv, s_spec, *mask_specs],
+        out_specs=[part, vv, s_spec],
+        out_shape=[
+            part_shape,
+            out_shape((B, H, T, V), v.dtype, *inputs),
+            out_shape((B, H, K, V), jnp.float32, *inputs),
+        ],
+        scratch_shapes=scratch,
+        **_params(interpret, 3),
+    )(g_H, q, k, v, do_BHTV, dsT_BHKV.astype(jnp.float32), *masks)
+
+    def total(parts, dtype):
+        return parts[0] if NV == 1 else parts.sum(0).astype(dtype)
+
+    return total(dq_parts, q.dtype), total(dk_parts, k.dtype), dv, ds0
