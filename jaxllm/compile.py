@@ -137,6 +137,8 @@ class Report:
     temp_bytes: int
     code_bytes: int
     flops_per_chip: float
+    host_argument_bytes: int = 0  # pinned host memory (train.optimizer_offload)
+    host_temp_bytes: int = 0  # pinned host memory (train.remat=offload)
 
     @property
     def total_bytes(self) -> int:
@@ -164,6 +166,8 @@ class Report:
             f"  outputs     {gib(self.output_bytes)}  (aliased: {gib(self.alias_bytes)})",
             f"  temporaries {gib(self.temp_bytes)}",
             f"  code        {gib(self.code_bytes)}",
+            f"  host        {gib(self.host_argument_bytes)} arguments, "
+            f"{gib(self.host_temp_bytes)} temporaries (pinned host memory, not HBM)",
             f"  total       {gib(self.total_bytes)}  of {gib(hbm)} "
             f"({100 * self.total_bytes / hbm:.1f}%)",
             f"flops/step   {self.flops_per_chip:.4g} per chip, {total_flops:.4g} in all "
@@ -172,8 +176,8 @@ class Report:
         ]
 
 
-def compile_for(cfg, topo: Topology) -> Report:
-    """Lower and compile `cfg`'s train step on `topo`; the memory and FLOPs it needs."""
+def lower_train_step(cfg, topo: Topology):
+    """`cfg`'s train step lowered for `topo` (a `jax.stages.Lowered`) and its mesh."""
     import jax
     import numpy as np
     from jax.sharding import AxisType, Mesh
@@ -203,7 +207,13 @@ def compile_for(cfg, topo: Topology) -> Report:
         for k in ("inputs", "targets", "segment_ids", "positions")
     }
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=sharding)
-    compiled = make_train_step(trainer).lower(state, batch).compile()
+    return make_train_step(trainer).lower(state, batch), mesh
+
+
+def compile_for(cfg, topo: Topology) -> Report:
+    """Lower and compile `cfg`'s train step on `topo`; the memory and FLOPs it needs."""
+    lowered, mesh = lower_train_step(cfg, topo)
+    compiled = lowered.compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -217,6 +227,8 @@ def compile_for(cfg, topo: Topology) -> Report:
         code_bytes=int(mem.generated_code_size_in_bytes),
         # XLA's cost analysis counts a loop body once: the micro-batch scan runs it n times
         flops_per_chip=float((cost or {}).get("flops", 0.0)) * cfg.train.microbatches,
+        host_argument_bytes=int(mem.host_argument_size_in_bytes),
+        host_temp_bytes=int(mem.host_temp_size_in_bytes),
     )
 
 

@@ -131,11 +131,23 @@ class DataConfig(Section):
     long_documents: Literal["split", "skip", "stop"] = Field(
         "split", description="documents longer than data.seq_len: split over windows, skip, stop"
     )
+    domains: dict[str, int] = Field(
+        default_factory=dict,
+        description="document-key regex → domain id (first match; unmatched = 0); when set, "
+        "batches carry a per-token `domain` [B, T] (PanGu-Σ RRE routes by it)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.source != "corpus" and not self.path:
             raise ValueError(f"data.path is required with data.source={self.source}")
+        for pattern, domain in self.domains.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"data.domains: {pattern!r} is not a valid regex ({e})") from None
+            if domain < 0:
+                raise ValueError(f"data.domains: domain {domain} of {pattern!r} is negative")
         if self.tokenizer != "bytes" and not self.tokenizer_path:
             raise ValueError(
                 f"data.tokenizer_path is required with data.tokenizer={self.tokenizer}"
@@ -164,21 +176,31 @@ class ParamGroup(Section):
 
 class Co2Config(Section):
     """CO2 (arXiv 2401.16265): τ local steps per data-parallel replica, then an outer step
-    with a one-round-stale parameter average (see jaxllm.optim.co2)."""
+    with a one-round-stale parameter average (see jaxllm.optim.co2).
+
+    Defaults are those our runs support (benchmarks/co2.py; 4 replicas, tiny model, 576 steps,
+    synchronous val loss 1.53): restarting the replicas at the outer θ as the official code
+    does (carry_local=false) turns a stale average into a delayed update and trained far worse
+    (val 2.27/2.22 at τ=4/12 with outer momentum 0, 2.53/2.56/3.83 at τ=4/12/48 with 0.5);
+    carry_local=true gave 1.76/1.89/1.91 with outer momentum 0 and 2.04/1.89/1.96 with 0.5.
+    Outer momentum 0 is also fairseq-CO2's choice for <= 16 workers (0.2/0.5/0.6 up to
+    32/64/more); τ=48 is fairscale-CO2's default."""
 
     enabled: bool = False
     local_steps: int = Field(48, ge=1, description="τ, inner steps per outer round")
     outer_lr: float = Field(1.0, gt=0)
-    outer_momentum: float = Field(0.5, ge=0, lt=1)
+    outer_momentum: float = Field(
+        0.0, ge=0, lt=1, description="β; fairseq-CO2 uses 0.2/0.5/0.6 past 16/32/64 workers"
+    )
     staleness_penalty: float = Field(
         1.0, ge=1, description="divides the stale pseudo-gradient (the official code's gap penalty)"
     )
     clip: float | None = Field(None, gt=0, description="clamp the outer momentum to ±clip")
     stale: bool = Field(True, description="False = the current round's average (no overlap)")
     carry_local: bool = Field(
-        False,
+        True,
         description="stale only: each replica restarts at θ plus its own last-round progress "
-        "(not yet in the stale average) instead of at θ (the official code's reset)",
+        "(not yet in the stale average); false = at θ, the official code's reset",
     )
 
 
@@ -231,6 +253,10 @@ class TrainConfig(Section):
         0.0, ge=0, le=1, description="remat=offload: share of tokens of the other saved "
         "activations offloaded to host (the rest recomputed)",
     )  # fmt: skip
+    optimizer_offload: bool = Field(
+        False, description="keep the optimizer state in pinned host memory; the train step "
+        "streams it to the device for the update and back (Angel-PTM)",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------- precision
@@ -269,6 +295,11 @@ class PrecisionConfig(Section):
     fp8_level: Literal["O1", "O2"] = Field(
         "O1", description="FP8-LM: O2 also keeps Adam's m in FP8 (scaled) and v in 16 bits"
     )
+    fp8_impl: Literal["xla", "pallas"] = Field(
+        "xla",
+        description="what runs the FP8 GEMMs: XLA's dot_general or the Pallas kernel "
+        "(kernels_pallas.fp8_matmul; interpret mode on the CPU)",
+    )
     amax_history_len: int = Field(16, ge=1, description="delayed: steps of amax history")
     margin: int = Field(0, ge=0, description="delayed: scale = fp8_max / amax / 2^margin")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
@@ -279,6 +310,10 @@ class PrecisionConfig(Section):
             getattr(self.quantize, n) for n in type(self.quantize).model_fields
         ):
             raise ValueError("precision.quantize does not combine with precision.fp8")
+        if self.fp8_impl == "pallas" and self.fp8 == "none":
+            raise ValueError(
+                "precision.fp8_impl=pallas needs precision.fp8 = current, delayed or blockwise"
+            )
         return self
 
 
@@ -407,6 +442,14 @@ class Config(Section):
                 raise ValueError("optim.co2 does not combine with train.microbatches > 1")
             if getattr(getattr(self, "precision", None), "fp8", None) == "delayed":
                 raise ValueError("optim.co2 does not combine with precision.fp8=delayed")
+        moe = m.ffns.get("moe", {}) if m.ffn == "moe" else {}
+        if d.domains and moe.get("router") == "hash":
+            n = moe.get("n_domains", 1)
+            if max(d.domains.values()) >= n:
+                raise ValueError(
+                    f"data.domains names domain {max(d.domains.values())}: the hash router has "
+                    f"model.ffns.moe.n_domains={n}"
+                )
         if self.parallel.mesh.tensor > 1:
             t = self.parallel.mesh.tensor
             for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):

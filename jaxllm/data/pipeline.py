@@ -9,6 +9,8 @@ Each split's documents are tokenized to `[BOS] text [EOS]` and laid end to end i
     segment_ids = 1, 2, ... per document (0 = PAD)  int32   [T]
     positions   = index within the document's part of the window (restarts at 0)   int32 [T]
     loss_mask   = 1 where target and input are of the same document, 0 elsewhere and on PAD
+    domain      = the input token's document's domain (0 on PAD)    int32 [T], only when
+                  `data.domains` is set (PanGu-Σ RRE routes by it)
 
 so no token is trained to predict the next document's BOS, and attention can be kept within a
 document through `segment_ids`. Positions restart at each window so that they stay below
@@ -38,6 +40,7 @@ from jaxllm.data.sources import (
     BadDocuments,
     DataError,
     Document,
+    assign_domains,
     read_documents,
     split_documents,
 )
@@ -54,11 +57,13 @@ class PackedStream:
       last window.
     starts_M: int64 [n_documents + 1] — where each document's BOS is; the last entry is the number
       of real (non-PAD) tokens.
+    domains_M: int32 [n_documents] — each document's domain, or None (batches get no `domain`).
     """
 
     tokens_N: np.ndarray
     starts_M: np.ndarray
     seq_len: int
+    domains_M: np.ndarray | None = None
 
     @property
     def n_documents(self) -> int:
@@ -81,8 +86,10 @@ def pack_documents(
     eos_id: int,
     pad_id: int,
     dtype: np.dtype | type = np.int32,
+    domains: Sequence[int] | None = None,
 ) -> PackedStream:
-    """Lay `[BOS] tokens [EOS]` of each array end to end, padded with PAD to whole windows."""
+    """Lay `[BOS] tokens [EOS]` of each array end to end, padded with PAD to whole windows;
+    `domains` (one per array) makes the batches carry a per-token `domain`."""
     lengths_M = np.fromiter((len(a) + 2 for a in token_arrays), np.int64, len(token_arrays))
     starts_M = np.zeros(len(token_arrays) + 1, np.int64)
     np.cumsum(lengths_M, out=starts_M[1:])
@@ -94,7 +101,8 @@ def pack_documents(
     tokens_N[starts_M[1:] - 1] = eos_id
     for start, array in zip(starts_M[:-1], token_arrays):
         tokens_N[start + 1 : start + 1 + len(array)] = array
-    return PackedStream(tokens_N, starts_M, seq_len)
+    domains_M = None if domains is None else np.asarray(domains, np.int32).reshape(-1)
+    return PackedStream(tokens_N, starts_M, seq_len, domains_M)
 
 
 def assemble_batch(stream: PackedStream, window_ids_B: np.ndarray) -> Batch:
@@ -118,13 +126,16 @@ def assemble_batch(stream: PackedStream, window_ids_B: np.ndarray) -> Batch:
     segment_ids_BT[is_pad_BT] = 0
     positions_BT[is_pad_BT] = 0
     loss_mask_BT = (doc_BW[:, 1:] == doc_BT) & (doc_BW[:, 1:] >= 0)
-    return {
+    batch = {
         "inputs": tokens_BW[:, :-1],
         "targets": tokens_BW[:, 1:],
         "segment_ids": segment_ids_BT,
         "positions": positions_BT,
         "loss_mask": loss_mask_BT.astype(np.float32),
     }
+    if stream.domains_M is not None:
+        batch["domain"] = np.where(is_pad_BT, 0, stream.domains_M[np.maximum(doc_BT, 0)])
+    return batch
 
 
 class Pipeline:
@@ -152,6 +163,9 @@ class Pipeline:
 
         self.bad = BadDocuments(getattr(cfg, "on_bad_document", "stop"))
         documents = read_documents(cfg, self.bad)
+        self._domains = getattr(cfg, "domains", None) or {}
+        if self._domains:
+            documents = assign_domains(documents, self._domains)
         train_docs, val_docs = split_documents(documents, cfg.val_fraction)
         if not train_docs:
             raise DataError(
@@ -186,6 +200,7 @@ class Pipeline:
                 self.bad.counts["long"] = self.bad.counts.get("long", 0) + len(long)
             drop = set(long)
             arrays = [a for i, a in enumerate(arrays) if i not in drop]
+            documents = [d for i, d in enumerate(documents) if i not in drop]
         return pack_documents(
             arrays,
             seq_len=self.cfg.seq_len,
@@ -193,6 +208,7 @@ class Pipeline:
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
             dtype=np.uint16 if tok.vocab_size <= 2**16 else np.int32,
+            domains=[d.domain for d in documents] if self._domains else None,
         )
 
     def _batches(self, stream: PackedStream, *, shuffle: bool) -> grain.MapDataset:
@@ -246,6 +262,8 @@ class Pipeline:
                 "seed": self.seed,
                 "process": f"{self.process_index}/{self.process_count}",
             }
+            if self._domains:
+                self._identity["domains"] = dict(self._domains)
         return self._identity
 
 

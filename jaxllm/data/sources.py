@@ -15,7 +15,8 @@ Sources (`data.source`):
 A document's `key` is its path relative to the source's root (plus `:<line>` for jsonl). The
 split is a pure function of the key — a stable hash, not Python's salted `hash()` — so a document
 is on the same side of the split on every machine and every run, and raising `val_fraction` only
-moves documents from train to validation.
+moves documents from train to validation. The key also picks a document's data domain
+(`data.domains`, key regex → id; PanGu-Σ RRE routes tokens by it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,6 +44,8 @@ class Document:
     text: str
     # Token ids when the source is already tokenized (data.source=arrayrecord); else None.
     tokens: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Data domain (PanGu-Σ RRE routes a token to its domain's experts), from `data.domains`.
+    domain: int = 0
 
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -168,6 +172,17 @@ def read_documents(cfg, bad: BadDocuments | None = None) -> list[Document]:
         f"data.source: unknown source {cfg.source!r}; known: corpus, text, jsonl, parquet, "
         "arrayrecord"
     )
+
+
+def assign_domains(documents: Sequence[Document], domains: dict[str, int]) -> list[Document]:
+    """`documents` with `domain` set by `domains` (key regex → id, first `re.search` match;
+    unmatched documents are domain 0)."""
+    patterns = [(re.compile(p), d) for p, d in domains.items()]
+
+    def domain_of(key: str) -> int:
+        return next((d for p, d in patterns if p.search(key)), 0)
+
+    return [dataclasses.replace(doc, domain=domain_of(doc.key)) for doc in documents]
 
 
 def split_fraction(key: str) -> float:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import Field
 
-from jaxllm.layers.base import LayerConfig, cast, param
+from jaxllm.layers.base import LayerConfig, cast, dense, param
 from jaxllm.layers.positions import rope
 from jaxllm.layers.registry import register_mixer
 from jaxllm.ops import moe_routing as R
@@ -122,9 +122,10 @@ class AttentionMoE(nnx.Module):
         c = self.cfg
         dt = c.compute_dtype
         x_BTD = x_BTD.astype(dt)
-        q = rope(jnp.einsum("BTD,DHK->BTHK", x_BTD, cast(self.wq, dt)), positions_BT, c.rope_theta)
-        k = rope(jnp.einsum("BTD,DGK->BTGK", x_BTD, cast(self.wk, dt)), positions_BT, c.rope_theta)
-        v = jnp.einsum("BTD,DGK->BTGK", x_BTD, cast(self.wv, dt))
+        q = dense(x_BTD, cast(self.wq, dt), "BTD,DHK->BTHK", name="q")
+        k = dense(x_BTD, cast(self.wk, dt), "BTD,DGK->BTGK", name="k")
+        q, k = rope(q, positions_BT, c.rope_theta), rope(k, positions_BT, c.rope_theta)
+        v = dense(x_BTD, cast(self.wv, dt), "BTD,DGK->BTGK", name="v")
         if cache is None:
             o = attend_routed(q, k, v, routed_BTG, positions_BT, positions_BT, segment_ids_BT)
         else:
@@ -141,4 +142,4 @@ class AttentionMoE(nnx.Module):
             cache = {"k": k_all, "v": v_all, "routed": r_all, "end": end + t}
         o_BTGJK = o * w_BTG[..., None, None]
         o_BTHK = o_BTGJK.reshape(*o_BTGJK.shape[:2], c.n_heads, c.head_dim).astype(dt)
-        return jnp.einsum("BTHK,HKD->BTD", o_BTHK, cast(self.wo, dt)), cache
+        return dense(o_BTHK, cast(self.wo, dt), "BTHK,HKD->BTD", name="o"), cache

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from pydantic import Field
 
-from jaxllm.layers.base import LayerConfig, cast, param
+from jaxllm.layers.base import LayerConfig, cast, dense, param
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.positions import rope
 
@@ -57,16 +57,16 @@ class QKVO(nnx.Module):
         self.q_norm = param(rngs, (k,), ("head_dim",), init="ones") if cfg.qk_norm else None
 
     def q(self, x_BTD: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,DHK->BTHK", x_BTD, cast(self.wq, x_BTD.dtype))
+        return dense(x_BTD, cast(self.wq, x_BTD.dtype), "BTD,DHK->BTHK", name="q")
 
     def kv(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         dt = x_BTD.dtype
-        k_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, cast(self.wk, dt))
-        v_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, cast(self.wv, dt))
+        k_BTGK = dense(x_BTD, cast(self.wk, dt), "BTD,DGK->BTGK", name="k")
+        v_BTGK = dense(x_BTD, cast(self.wv, dt), "BTD,DGK->BTGK", name="v")
         return k_BTGK, v_BTGK
 
     def o(self, o_BTHK: jax.Array) -> jax.Array:
-        return jnp.einsum("BTHK,HKD->BTD", o_BTHK, cast(self.wo, o_BTHK.dtype))
+        return dense(o_BTHK, cast(self.wo, o_BTHK.dtype), "BTHK,HKD->BTD", name="o")
 
 
 def kv_cache(cfg: LayerConfig, batch: int, max_len: int) -> Cache:

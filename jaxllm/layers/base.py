@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxllm.precision import project
+from jaxllm.precision import active_spec, project
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
@@ -81,6 +81,17 @@ def dense(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.Arr
     `name` labels the projection's FP8 scaling state. Keep the embedding, the head, norms and
     routers on plain `jnp.einsum`: they stay in high precision.
     """
+    frac, spec = _OFFLOAD_FRACTION.get(), active_spec()
+    token_wise = eq[:2] == "BT" and eq.split("->")[1][:2] == "BT"
+    if frac and token_wise and (spec is None or not spec.active):
+        # MEMO's token split (`host_offload`): project the first ⌊α·T⌋ tokens and the rest
+        # apart, so the backward recomputes only the rest (a projection over all T tokens
+        # would be replayed whole and sliced). Low-precision projections stay whole: their
+        # per-tensor scales and delayed-scaling keys would change with the split.
+        cut = int(frac * x.shape[1])
+        if 0 < cut < x.shape[1]:
+            head = project(x[:, :cut], w, eq, name=name)
+            return jnp.concatenate([head, project(x[:, cut:], w, eq, name=name)], axis=1)
     return project(x, w, eq, name=name)
 
 
@@ -88,14 +99,16 @@ def dense(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.Arr
 # always offloads LAYER_INPUT and ATTN_OUT; of the others a fraction of tokens may be offloaded.
 LAYER_INPUT, ATTN_OUT = "layer_in", "attn_out"
 SKELETAL = ("mixer_in", "q", "k", "v", "mixer_out", "ffn_in", "mlp_hidden")
-_OFFLOAD_FRACTION: contextvars.ContextVar[float] = contextvars.ContextVar(
-    "jaxllm_offload_fraction", default=0.0
+# α of `host_offload` while tracing inside it; None outside.
+_OFFLOAD_FRACTION: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "jaxllm_offload_fraction", default=None
 )
 
 
 @contextlib.contextmanager
-def token_split(fraction: float) -> Iterator[None]:
-    """While tracing inside: `tag` splits skeletal activations at ⌊fraction·T⌋ tokens."""
+def host_offload(fraction: float) -> Iterator[None]:
+    """While tracing inside: `tag` names the first ⌊fraction·T⌋ tokens of skeletal activations
+    apart (``name + "_off"``) and `dense` projects them apart, for the `offload` policy."""
     token = _OFFLOAD_FRACTION.set(fraction)
     try:
         yield
@@ -106,12 +119,12 @@ def token_split(fraction: float) -> Iterator[None]:
 def tag(x_BT: jax.Array, name: str) -> jax.Array:
     """Name an activation [B, T, ...] for remat policies (`checkpoint_name`).
 
-    Inside `token_split(α)` a skeletal activation's first ⌊α·T⌋ tokens are named
+    Inside `host_offload(α)` a skeletal activation's first ⌊α·T⌋ tokens are named
     ``name + "_off"`` (offloaded by the `offload` policy) and the rest stay unnamed
     (recomputed) — MEMO's token-wise split.
     """
     frac = _OFFLOAD_FRACTION.get()
-    if name in SKELETAL and 0.0 < frac:
+    if frac and name in SKELETAL:
         cut = int(frac * x_BT.shape[1])
         if cut >= x_BT.shape[1]:
             return checkpoint_name(x_BT, name + "_off")

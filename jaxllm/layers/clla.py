@@ -25,7 +25,7 @@ from flax import nnx
 from pydantic import Field, model_validator
 
 from jaxllm.layers.attn_common import AttnVariantConfig, Cache, append, out_std
-from jaxllm.layers.base import cast, param
+from jaxllm.layers.base import cast, dense, param
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.positions import rope
 from jaxllm.layers.registry import register_mixer
@@ -139,7 +139,7 @@ class CrossLayerLatentAttention(nnx.Module):
 
     def _latent(self, x_BTD: jax.Array) -> jax.Array:
         c = self.cfg
-        lat = jnp.einsum("BTD,DC->BTC", x_BTD, cast(self.w_dkv, x_BTD.dtype))
+        lat = dense(x_BTD, cast(self.w_dkv, x_BTD.dtype), "BTD,DC->BTC", name="dkv")
         content = rms_norm(lat[..., : c.latent_dim], self.latent_norm[...], c.norm_eps)
         return jnp.concatenate([content, lat[..., c.latent_dim :]], axis=-1)
 
@@ -186,9 +186,9 @@ class CrossLayerLatentAttention(nnx.Module):
             if cache is not None:
                 cache = {"end": cache["end"] + t}
         lat_BSC, kr_BS1R, kw = shared
-        k_BSGK = jnp.einsum("BSC,CGK->BSGK", lat_BSC, cast(self.w_uk, dt))
-        v_BSGK = jnp.einsum("BSC,CGK->BSGK", lat_BSC, cast(self.w_uv, dt))
-        q_BTHX = jnp.einsum("BTD,DHX->BTHX", x_BTD, cast(self.wq, dt))
+        k_BSGK = dense(lat_BSC, cast(self.w_uk, dt), "BSC,CGK->BSGK", name="uk")
+        v_BSGK = dense(lat_BSC, cast(self.w_uv, dt), "BSC,CGK->BSGK", name="uv")
+        q_BTHX = dense(x_BTD, cast(self.wq, dt), "BTD,DHX->BTHX", name="q")
         q_BTHK, q_BTHR = q_BTHX[..., :k], q_BTHX[..., k:]
         if c.qk_norm:
             q_BTHK = rms_norm(q_BTHK, self.q_norm[...], c.norm_eps)
@@ -202,4 +202,4 @@ class CrossLayerLatentAttention(nnx.Module):
         # The fused kernels want V's head dim equal to K's: pad V with zeros and drop them after.
         v_pad = jnp.pad(v_BSGK, [(0, 0)] * 3 + [(0, r)])
         o_BTHK = attention(q_BTHK, k_BSGK, v_pad, impl=c.impl, **kw)[..., :k]
-        return jnp.einsum("BTHK,HKD->BTD", o_BTHK, cast(self.wo, dt)), cache
+        return dense(o_BTHK, cast(self.wo, dt), "BTHK,HKD->BTD", name="o"), cache

@@ -37,22 +37,14 @@ from jaxllm.ops.gated_linear_attention import DEFAULT_CHUNK_SIZE as GLA_CHUNK_SI
 from jaxllm.ops.gated_linear_attention import (
     gated_linear_attention,
     gated_linear_attention_step,
+    reset_log_gate,
 )
+from jaxllm.parallel import sequence
 from jaxllm.parallel.rules import constrain
 
 Cache = dict[str, jax.Array]
 _ACT = ("batch", "length", "act_heads", None)
-# Added to the log gate of a document's first token in packed rows: the previous document's
-# state is multiplied by e^−40 ≈ 4e−18 (a true −∞ would give ∞ − ∞ inside the chunked op's
-# cumulative sums; 40 keeps their float32 rounding near 1e−6).
-RESET_LOG_GATE = -40.0
 CARRY_KEY = "hgrn2_log1m_lower_bound"
-
-
-def segment_starts(segment_ids_BT: jax.Array) -> jax.Array:
-    """[B, T] bool: True where a token starts a new document (never at t = 0)."""
-    start_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
-    return jnp.pad(start_BT, ((0, 0), (1, 0)))
 
 
 def gated_attend(
@@ -61,12 +53,19 @@ def gated_attend(
     """S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t, continuing `cache` if given.
 
     Packed rows: the log gate of each document's first token gets `RESET_LOG_GATE`, which
-    wipes the previous document's state.
+    wipes the previous document's state (`reset_log_gate`). On a mesh with a `sequence` axis
+    (training, no cache) this runs as LASP-2 / LASP-1 (`jaxllm.parallel.sequence`).
     """
     t = q_BTHK.shape[1]
+    if cache is None and (sp := sequence.active("linear")) is not None:
+        # a mesh with a `sequence` axis: LASP-2 / LASP-1 (jaxllm.parallel.sequence)
+        o_BTHV = sequence.gated_linear_attention_sp(
+            q_BTHK, k_BTHK, v_BTHV, log_gate_BTHK, mesh=sp[0], impl=sp[1],
+            chunk_size=chunk_size, segment_ids_BT=segment_ids_BT,
+        )  # fmt: skip
+        return o_BTHV, None
     if segment_ids_BT is not None:
-        reset_BT = segment_starts(segment_ids_BT)
-        log_gate_BTHK = log_gate_BTHK + jnp.where(reset_BT, RESET_LOG_GATE, 0.0)[..., None, None]
+        log_gate_BTHK = reset_log_gate(log_gate_BTHK, segment_ids_BT)
     state = None if cache is None else cache["state"]
     if cache is not None and t == 1:
         o_BHV, state = gated_linear_attention_step(

@@ -4,8 +4,9 @@ Qwen2-MoE's sigmoid-gated one), a dropless or a capacity execution path, and exp
 parallelism when the mesh has an `expert` axis.
 
 Routers: softmax top-k (renormalized or not), sigmoid (DeepSeek-V3), top-p (HMoE), hash
-(PanGu-Σ random routed experts, which needs the token ids: the decoder passes them to channel
-mixers that set `uses_tokens`). Balancing: Switch/Mixtral load-balancing loss (or HMoE's
+(PanGu-Σ random routed experts, which needs the token ids and their data domains: the decoder
+passes both — the domain from the batch's `domain`, see `data.domains` — to channel mixers that
+set `uses_tokens`). Balancing: Switch/Mixtral load-balancing loss (or HMoE's
 parameter penalty), router z-loss, top-p's entropy loss, all sown as `aux_loss`; and the
 DeepSeek auxiliary-loss-free bias, a parameter kept out of the optimizer: the layer sows its
 update as `update_router_bias` and the train step adds it after the optimizer step (see
@@ -14,6 +15,8 @@ update as `update_router_bias` and the train step adds it after the optimizer st
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Literal
 
 import jax
@@ -27,6 +30,7 @@ from jaxllm.layers.registry import register_ffn
 from jaxllm.ops import moe_routing as R
 from jaxllm.ops.moe import ExpertGroup, moe_experts
 from jaxllm.parallel import expert as ep
+from jaxllm.precision import active_spec, use_precision
 
 
 class MoEConfig(LayerConfig):
@@ -56,7 +60,9 @@ class MoEConfig(LayerConfig):
         0.0, ge=0, description="DeepSeek aux-loss-free bias update rate γ; 0 = off"
     )
     n_domains: int = Field(1, ge=1, description="hash router: domain groups of experts")
-    domain: int = Field(0, ge=0, description="hash router: this run's data domain")
+    domain: int = Field(
+        0, ge=0, description="hash router: the domain of tokens whose batch has no `domain`"
+    )
     hash_seed: int = 0
     dense_layers: list[int] = Field(
         default_factory=list,
@@ -166,8 +172,9 @@ class MoE(nnx.Module):
         per_expert = [3 * cfg.d_model * f for f in cfg.widths]
         return int(sum(per_expert) - cfg.top_k * sum(per_expert) / len(per_expert))
 
-    def route(self, x_TD: jax.Array, tokens_T: jax.Array | None):
-        """(routing, scores_TE, logits_TE) in float32; scores/logits None for hash routing."""
+    def route(self, x_TD: jax.Array, tokens_T: jax.Array | None, domain_T: jax.Array | None = None):
+        """(routing, scores_TE, logits_TE) in float32; scores/logits None for hash routing,
+        whose tokens go to the experts of their domain (`domain_T`, else `cfg.domain`)."""
         c = self.cfg
         if c.router == "hash":
             if tokens_T is None:
@@ -176,7 +183,7 @@ class MoE(nnx.Module):
                 tokens_T,
                 n_experts=c.n_experts,
                 n_domains=c.n_domains,
-                domain=c.domain,
+                domain=c.domain if domain_T is None else domain_T,
                 seed=c.hash_seed + c.layer_index,
             )
             return routing, None, None
@@ -195,7 +202,13 @@ class MoE(nnx.Module):
         )
         return routing, scores_TE, logits_TE
 
-    def __call__(self, x_BTD: jax.Array, *, tokens_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        *,
+        tokens_BT: jax.Array | None = None,
+        domain_BT: jax.Array | None = None,
+    ) -> jax.Array:
         c = self.cfg
         if c.is_dense:
             return self.dense(x_BTD)
@@ -203,23 +216,25 @@ class MoE(nnx.Module):
         b, t, d = x_BTD.shape
         x_TD = x_BTD.reshape(b * t, d).astype(dt)
         tokens_T = None if tokens_BT is None else tokens_BT.reshape(b * t)
-        routing, scores_TE, logits_TE = self.route(x_TD, tokens_T)
+        domain_T = None if domain_BT is None else domain_BT.reshape(b * t)
+        routing, scores_TE, logits_TE = self.route(x_TD, tokens_T, domain_T)
         self._sow_losses(routing, scores_TE, logits_TE)
         groups = [g.weights() for g in self.groups]
         capacity_factor = None if c.dropless else c.capacity_factor
         recycle_scores_TE = _scores_or_weights(scores_TE, routing, c.n_experts) * c.scale
         if ep.active():
-            y_TD, stats = ep.expert_parallel_ffn(
-                x_TD,
-                routing,
-                recycle_scores_TE,
-                groups,
-                capacity_factor=capacity_factor,
-                drop_policy=c.drop_policy,
-                key=self._recycle_key(routing),
-                a2a=c.a2a,
-                dtype=dt,
-            )
+            with _expert_parallel_precision():
+                y_TD, stats = ep.expert_parallel_ffn(
+                    x_TD,
+                    routing,
+                    recycle_scores_TE,
+                    groups,
+                    capacity_factor=capacity_factor,
+                    drop_policy=c.drop_policy,
+                    key=self._recycle_key(routing),
+                    a2a=c.a2a,
+                    dtype=dt,
+                )
         else:
             y_TD, stats = self._local(x_TD, routing, recycle_scores_TE, groups, capacity_factor)
         if stats is not None:
@@ -306,6 +321,16 @@ class MoE(nnx.Module):
         if c.aux_free_rate > 0:
             delta = R.aux_free_bias_update(jax.lax.stop_gradient(load_E), c.aux_free_rate)
             self.sow(nnx.Intermediate, "update_router_bias", delta)
+
+
+def _expert_parallel_precision() -> contextlib.AbstractContextManager:
+    """Under expert parallelism the experts run in a shard_map where each device holds its own
+    experts, but a delayed-FP8 state lives outside it, replicated: there the experts use
+    current scaling (per-expert amax of this step) instead."""
+    spec = active_spec()
+    if spec is None or spec.fp8 != "delayed":
+        return contextlib.nullcontext()
+    return use_precision(dataclasses.replace(spec, fp8="current"))
 
 
 def _scores_or_weights(scores_TE, routing: R.Routing, n_experts: int) -> jax.Array:

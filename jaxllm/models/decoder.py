@@ -76,10 +76,11 @@ class Block(nnx.Module):
             **extra,
         )
         x_BTD = tag(constrain(x_BTD + h_BTD.astype(x_BTD.dtype), _ACT), "mixer_out")
-        # Channel mixers that declare `uses_tokens` (hash-routed MoE) get the token ids.
+        # Channel mixers that declare `uses_tokens` (hash-routed MoE) get the token ids and
+        # their data domains.
         ffn_extra = {}
         if getattr(type(self.ffn), "uses_tokens", False):
-            ffn_extra = {"tokens_BT": (carry or {}).get("tokens_BT")}
+            ffn_extra = {k: (carry or {}).get(k) for k in ("tokens_BT", "domain_BT")}
         x_BTD = x_BTD + self.ffn(tag(self.ffn_norm(x_BTD), "ffn_in"), **ffn_extra).astype(
             x_BTD.dtype
         )
@@ -90,7 +91,8 @@ class Decoder(nnx.Module):
     """tokens [B, T] int → logits [B, T, vocab] float32.
 
     `positions` [B, T] default 0..T-1 (packed data passes per-document positions),
-    `segment_ids` [B, T] keep packed documents from attending to each other. With `cache`
+    `segment_ids` [B, T] keep packed documents from attending to each other; `domain` [B, T]
+    (the batch's per-token data domain) goes to hash-routed MoE layers. With `cache`
     (from `init_cache`) the call also returns the updated cache: `(logits, cache)`.
     """
 
@@ -118,6 +120,7 @@ class Decoder(nnx.Module):
         *,
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
+        domain_BT: jax.Array | None = None,
         cache: list[Any] | None = None,
         remat: Callable[[Callable], Callable] | None = None,
     ):
@@ -136,6 +139,8 @@ class Decoder(nnx.Module):
         x_BTD = constrain(x_BTD, _ACT)
         new_cache = []
         carry: dict[str, Any] = {"tokens_BT": tokens_BT}
+        if domain_BT is not None:
+            carry["domain_BT"] = domain_BT
         if remat is not None and cache is None:
 
             def run(blk, x_BTD, carry):

@@ -32,6 +32,17 @@ SUB_CHUNK_SIZE = 16
 # remat took 23.7 GiB of XLA temp memory and 82 ms, segments of 1024 with remat ~4 GiB and
 # ~115 ms. benchmarks/linear_attention.py: 1.45 µs/token from 4K to 64K tokens.
 SEGMENT_TOKENS = 1024
+# Packed rows: added to the log gate of a document's first token, it multiplies the previous
+# document's state by e^−40 ≈ 4e−18 (a true −∞ would give ∞ − ∞ inside the chunked op's
+# cumulative sums; 40 keeps their float32 rounding near 1e−6).
+RESET_LOG_GATE = -40.0
+
+
+def reset_log_gate(log_gate_BTHK, segment_ids_BT):
+    """log_gate [B, T, H, K] with `RESET_LOG_GATE` added where the segment id [B, T] changes
+    (a document start; never at t = 0, so an initial state continues the first document)."""
+    start_BT = jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
+    return log_gate_BTHK + jnp.where(start_BT, RESET_LOG_GATE, 0.0)[..., None, None]
 
 
 def _check_shapes(q, k, v, log_gate, initial_state):

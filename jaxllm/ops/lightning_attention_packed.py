@@ -15,13 +15,25 @@ row's first document (a decode prefix continues the same document).
   Documents are told apart by the count of resets so far (`run_BT`), never by raw ids, so
   rows like 1 1 2 2 0 0 (padding after the last document) are handled. Every decay factor is
   λ^j with j ≥ 0.
+- the Pallas TPU kernel with the same masks (`impl="pallas"`, `kernels_pallas.lightning_attention`
+  given `segment_ids`; interpret mode off TPU). `impl="auto"` takes it where the computation is
+  lowered for TPU (an ahead-of-time compile for TPU from a CPU host included) and the chunked
+  form elsewhere: the GPU kernel has no resets. The kernel treats log_decay as a constant.
+  On a mesh (under `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map` (XLA cannot
+  partition a Mosaic call): batch rows split over the token axes, heads over `tensor`.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-IMPLS = ("reference", "xla", "auto")
+import kernels_pallas.lightning_attention as kernel
+from jaxllm.parallel.rules import active_mesh
+
+IMPLS = ("reference", "xla", "pallas", "auto")
+TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -120,6 +132,30 @@ def _chunked(q, k, v, g_H, run_BT, S0_BHKV, C):
     return o_BNCHV.reshape(B, N * C, H, V)[:, :T], S_BHKV
 
 
+def _axes(mesh, names, dim):
+    """The mesh axes among `names` that split a dimension of size dim evenly (None: none)."""
+    kept, size = [], 1
+    for name in names:
+        n = mesh.shape.get(name, 1)
+        if n > 1 and dim % (size * n) == 0:
+            kept.append(name)
+            size *= n
+    return tuple(kept) or None
+
+
+def _per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids):
+    """fn(q, k, v, g_H, S0, segment_ids) → (o, S), a Pallas call, once per device when a mesh
+    is active and no `shard_map` has made its axes manual yet (rows and heads independent)."""
+    mesh = active_mesh()
+    args = (q, k, v, g_H, S0_BHKV, segment_ids)
+    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+        return fn(*args)
+    b, h = _axes(mesh, TOKEN_AXES, q.shape[0]), _axes(mesh, ("tensor",), q.shape[2])
+    x, s = P(b, None, h, None), P(b, h, None, None)
+    specs = (x, x, x, P(h), s, P(b, None))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(x, s), check_vma=False)(*args)
+
+
 def lightning_attention_packed(
     q,
     k,
@@ -140,8 +176,10 @@ def lightning_attention_packed(
       segment_ids: [B, T] int, a document id per token (any values; a change = a new document).
       initial_state: [B, H, K, V], the state before the row's first document continues.
       return_final_state: also return the state after the last token.
-      chunk_size: tokens per chunk for impl="xla" (default 64); any T works.
-      impl: "reference" (scan), "xla" (chunked) or "auto" (= "xla").
+      chunk_size: tokens per chunk for impl="xla" (default 64); any T works. The kernel takes
+        its block sizes from its per-chip table instead.
+      impl: "reference" (scan), "xla" (chunked), "pallas" (the kernel; interpreted off TPU) or
+        "auto" (the kernel when lowered for TPU, else "xla").
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
@@ -157,9 +195,27 @@ def lightning_attention_packed(
         )  # fmt: skip
     B, T, H, K = q.shape
     C = max(1, min(int(chunk_size or DEFAULT_CHUNK_SIZE), T))
-    o_BTHV, S_BHKV = _chunked(
-        q, k, v, _log_decay_H(log_decay, H), document_runs(segment_ids),
-        _state(initial_state, B, H, K, v.shape[-1]), C,
-    )  # fmt: skip
-    o_BTHV = o_BTHV.astype(q.dtype)
+
+    def xla(q, k, v, g_H, S0_BHKV, segment_ids):
+        o_BTHV, S_BHKV = _chunked(q, k, v, g_H, document_runs(segment_ids), S0_BHKV, C)
+        return o_BTHV.astype(q.dtype), S_BHKV
+
+    def pallas(*args):
+        def run(q, k, v, g_H, S0_BHKV, segment_ids):
+            return kernel.lightning_attention(
+                q, k, v, g_H, initial_state=S0_BHKV, return_final_state=True,
+                segment_ids=segment_ids,
+            )  # fmt: skip
+
+        return _per_device(run, *args)
+
+    args = (q, k, v, _log_decay_H(log_decay, H), _state(initial_state, B, H, K, v.shape[-1]),
+            segment_ids)  # fmt: skip
+    if impl == "xla":
+        o_BTHV, S_BHKV = xla(*args)
+    elif impl == "pallas":
+        o_BTHV, S_BHKV = pallas(*args)
+    else:
+        # platform_dependent lowers only the branch of the platform being compiled for.
+        o_BTHV, S_BHKV = lax.platform_dependent(*args, tpu=pallas, default=xla)
     return (o_BTHV, S_BHKV) if return_final_state else o_BTHV

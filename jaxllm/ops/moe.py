@@ -14,6 +14,10 @@ Three ways to compute the same thing:
   capacity   a fixed [E, C, D] buffer (C slots per expert, from `moe_routing.apply_capacity`),
              dense batched matmuls, gather back: static shapes, choices over capacity dropped.
 
+The expert GEMMs of the fast paths go through `jaxllm.precision` (`project_ragged` for
+`ragged_dot`, `project` for the batched einsums), so the train step can run them in FP8 or
+ExMy; outside a `use_precision` block they are the plain ops. The reference stays float32.
+
 Shape legend: T tokens, D model width, E experts, F expert width, K choices, C slots.
 """
 
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.ops.moe_routing import Routing
+from jaxllm.precision import project, project_ragged
 
 ExpertGroup = tuple[jax.Array, jax.Array, jax.Array]  # w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]
 
@@ -67,6 +72,11 @@ def sort_by_expert(routing: Routing, n_experts: int) -> tuple[jax.Array, jax.Arr
     return order, order // k, counts_E
 
 
+def inverse_permutation(order: jax.Array) -> jax.Array:
+    """inv with inv[order[i]] = i: undoes a sort by one int scatter, not a second argsort."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
 def grouped_swiglu(
     xs_ND: jax.Array, counts_E: jax.Array, groups: list[ExpertGroup], dtype
 ) -> jax.Array:
@@ -81,9 +91,9 @@ def grouped_swiglu(
         sizes = counts_E[first:end]
         offset = jnp.sum(counts_E[:first])
         rows = xs_ND if first == 0 else jnp.roll(xs_ND, -offset, axis=0)
-        g = jax.lax.ragged_dot(rows, w_gate.astype(dtype), sizes)
-        u = jax.lax.ragged_dot(rows, w_up.astype(dtype), sizes)
-        y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down.astype(dtype), sizes)
+        g = project_ragged(rows, w_gate.astype(dtype), sizes, name="expert_gate")
+        u = project_ragged(rows, w_up.astype(dtype), sizes, name="expert_up")
+        y = project_ragged(jax.nn.silu(g) * u, w_down.astype(dtype), sizes, name="expert_down")
         y = y if first == 0 else jnp.roll(y, offset, axis=0)
         out = y if out is None else out + y
     return out
@@ -98,7 +108,7 @@ def experts_dropless(
     order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
     xs_ND = x_TD.astype(dtype)[token_of_row]
     ys_ND = grouped_swiglu(xs_ND, counts_E, groups, dtype)
-    y_TKD = ys_ND[jnp.argsort(order)].reshape(t, k, -1)
+    y_TKD = ys_ND[inverse_permutation(order)].reshape(t, k, -1)
     return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)
 
 
@@ -120,13 +130,13 @@ def experts_blocked(
     n_experts = group_bounds(groups)[-1][1]
     d = x_TD.shape[-1]
     order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
-    xs_ND = x_TD.astype(dtype)[token_of_row]
+    inv = inverse_permutation(order)
     expert_of_row = jnp.where(routing.valid_TK, routing.experts_TK, n_experts).reshape(-1)[order]
     rank = (
         jnp.arange(t * k)
         - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_of_row, n_experts - 1)]
     )
-    ys_ND = jnp.zeros((t * k, d), jnp.float32)
+    ys_ND = jnp.zeros((t * k, d), jnp.float32)  # per copy, in [T·K] order
     for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
         e_g = end - first
         n_blocks = -(-t * k // block) + e_g
@@ -135,17 +145,21 @@ def experts_blocked(
         local = expert_of_row - first
         mine = (local >= 0) & (local < e_g)
         dest = jnp.where(mine, pad_start[jnp.clip(local, 0, e_g - 1)] + rank, n_blocks * block)
-        xb = jnp.zeros((n_blocks * block, d), dtype).at[dest].set(xs_ND, mode="drop")
+        # The token each padded row holds (t: none, a zero row), gathered straight from x
+        # rather than sorted first and then scattered into the blocks.
+        src = jnp.full((n_blocks * block,), t, jnp.int32).at[dest].set(token_of_row, mode="drop")
+        xb = jnp.take(x_TD.astype(dtype), src, axis=0, mode="fill", fill_value=0)
         block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, "right")
         block_expert = jnp.minimum(block_expert, e_g - 1)
         xb_NBD = xb.reshape(n_blocks, block, d)
-        g = jnp.einsum("NBD,NDF->NBF", xb_NBD, w_gate.astype(dtype)[block_expert])
-        u = jnp.einsum("NBD,NDF->NBF", xb_NBD, w_up.astype(dtype)[block_expert])
-        yb = jnp.einsum("NBF,NFD->NBD", jax.nn.silu(g) * u, w_down.astype(dtype)[block_expert])
-        rows = jnp.take(yb.reshape(n_blocks * block, d), dest, axis=0, mode="fill", fill_value=0)
+        g = project(xb_NBD, w_gate.astype(dtype)[block_expert], "NBD,NDF->NBF", name="expert_gate")
+        u = project(xb_NBD, w_up.astype(dtype)[block_expert], "NBD,NDF->NBF", name="expert_up")
+        h_NBF = jax.nn.silu(g) * u
+        yb = project(h_NBF, w_down.astype(dtype)[block_expert], "NBF,NFD->NBD", name="expert_down")
+        yb_ND = yb.reshape(n_blocks * block, d)
+        rows = jnp.take(yb_ND, dest[inv], axis=0, mode="fill", fill_value=0)
         ys_ND = ys_ND + rows.astype(jnp.float32)
-    y_TKD = ys_ND[jnp.argsort(order)].reshape(t, k, d)
-    return jnp.einsum("TKD,TK->TD", y_TKD, routing.weights_TK)
+    return jnp.einsum("TKD,TK->TD", ys_ND.reshape(t, k, d), routing.weights_TK)
 
 
 def experts_capacity(
@@ -169,9 +183,10 @@ def experts_capacity(
     outs = []
     for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
         xb_ECD = buf_SD[first * c : end * c].reshape(end - first, c, d)
-        g = jnp.einsum("ECD,EDF->ECF", xb_ECD, w_gate.astype(dtype))
-        u = jnp.einsum("ECD,EDF->ECF", xb_ECD, w_up.astype(dtype))
-        outs.append(jnp.einsum("ECF,EFD->ECD", jax.nn.silu(g) * u, w_down.astype(dtype)))
+        g = project(xb_ECD, w_gate.astype(dtype), "ECD,EDF->ECF", name="expert_gate")
+        u = project(xb_ECD, w_up.astype(dtype), "ECD,EDF->ECF", name="expert_up")
+        h_ECF = jax.nn.silu(g) * u
+        outs.append(project(h_ECF, w_down.astype(dtype), "ECF,EFD->ECD", name="expert_down"))
     out_SD = jnp.concatenate(outs, axis=0).reshape(n_experts * c, d)
     y_TKD = jnp.take(out_SD, slot_TK, axis=0, mode="fill", fill_value=0)
     return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)

@@ -81,15 +81,22 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 
 def hash_route(
-    tokens_T: jax.Array, *, n_experts: int, n_domains: int, domain: int, seed: int
+    tokens_T: jax.Array,
+    *,
+    n_experts: int,
+    n_domains: int,
+    domain: int | jax.Array,
+    seed: int,
 ) -> Routing:
     """PanGu-Σ random routed experts (RRE): the experts are split into `n_domains` equal
-    groups; a token goes to its domain's group, and inside it to a fixed random expert chosen by
-    its token id (`hash(token_id, seed) mod group size`), set before training and never learned.
-    Top-1 with weight 1; no gate, no balance loss."""
+    groups; a token goes to its domain's group (`domain`: one for all tokens, or per token
+    [T] from the data source), and inside it to a fixed random expert chosen by its token id
+    (`hash(token_id, seed) mod group size`), set before training and never learned. Top-1 with
+    weight 1; no gate, no balance loss."""
     group = n_experts // n_domains
     h_T = _mix32(tokens_T.astype(jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(seed))
-    experts_T = domain * group + (h_T % jnp.uint32(group)).astype(jnp.int32)
+    domain_T = jnp.asarray(domain, jnp.int32)
+    experts_T = domain_T * group + (h_T % jnp.uint32(group)).astype(jnp.int32)
     ones = jnp.ones((tokens_T.shape[0], 1), jnp.float32)
     return Routing(experts_T[:, None], ones, jnp.ones((tokens_T.shape[0], 1), bool))
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.ops.moe import ExpertGroup, group_bounds, grouped_swiglu
+from jaxllm.ops.moe import ExpertGroup, group_bounds, grouped_swiglu, inverse_permutation
 from jaxllm.ops.moe_routing import CapacityStats, Routing, apply_capacity, capacity_for
 from jaxllm.parallel.rules import active_mesh
 
@@ -157,7 +157,7 @@ def _local_experts(rows_ND, lid_N, local_groups, n_local: int, dtype):
     order = jnp.argsort(lid_N, stable=True)
     counts = jnp.zeros((n_local,), jnp.int32).at[lid_N].add(1, mode="drop")
     y = grouped_swiglu(rows_ND[order], counts, local_groups, dtype)
-    return y[jnp.argsort(order)]
+    return y[inverse_permutation(order)]
 
 
 def _exchange_dense(x_TD, routing, local_groups, owner, local, n_dev, n_local, rows, dtype):
@@ -176,8 +176,9 @@ def _exchange_dense(x_TD, routing, local_groups, owner, local, n_dev, n_local, r
     out = _local_experts(recv.reshape(n_dev * m, d), recv_lid.reshape(-1), local_groups,
                          n_local, dtype)  # fmt: skip
     back = jax.lax.all_to_all(out.reshape(n_dev, m, d), AXIS, 0, 0).reshape(n_dev * m, d)
-    ys = jnp.take(back, slot, axis=0, mode="fill", fill_value=0)
-    return ys[jnp.argsort(order)].reshape(t, k, d)
+    # each copy's row of the returned buffer, in [T·K] order: one gather, no unsort copy
+    slot_TK = slot[inverse_permutation(order)]
+    return jnp.take(back, slot_TK, axis=0, mode="fill", fill_value=0).reshape(t, k, d)
 
 
 def _exchange_ragged(x_TD, routing, local_groups, owner, local, n_dev, n_local, rows, dtype):
@@ -208,4 +209,4 @@ def _exchange_ragged(x_TD, routing, local_groups, owner, local, n_dev, n_local, 
     ys = ra2a(out, jnp.zeros((t * k, d), dtype), recv_off, recv_sizes, back_off, counts,
               axis_name=AXIS)  # fmt: skip
     ys = jnp.where((dest_s < n_dev)[:, None], ys, 0)
-    return ys[jnp.argsort(order)].reshape(t, k, d)
+    return ys[inverse_permutation(order)].reshape(t, k, d)

@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops.attention import attention
-from jaxllm.ops.gated_linear_attention import gated_linear_attention
+from jaxllm.ops.gated_linear_attention import gated_linear_attention, reset_log_gate
 from jaxllm.ops.lightning_attention import lightning_attention
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed
 from jaxllm.parallel.rules import active_mesh
@@ -231,14 +231,19 @@ def lightning_attention_sp(
 
 def gated_linear_attention_sp(
     q, k, v, log_gate, *, mesh: Mesh, impl: str = "lasp2", chunk_size=None,
-    batch_axes: Sequence[str] = BATCH_AXES,
+    segment_ids_BT=None, batch_axes: Sequence[str] = BATCH_AXES,
 ):  # fmt: skip
     """`jaxllm.ops.gated_linear_attention` with T split over the mesh axis `sequence`.
 
     q, k [B, T, H, K], v [B, T, H, V], log_gate [B, T, H, K] (≤ 0) → o [B, T, H, V].
+    segment_ids_BT [B, T]: packed documents, the state reset where the id changes. Inside a
+    shard the reset is HGRN2's (`reset_log_gate`: the gate of a document's first token gets
+    RESET_LOG_GATE); across shards it is exact (the shards' states are cut, `_linear_sp`).
     """
 
     def local(q, k, v, g, seg):
+        if seg is not None:
+            g = reset_log_gate(g, seg)
         o0, M = gated_linear_attention(
             q, k, v, g, initial_state=_zero_state(q, v), return_final_state=True,
             chunk_size=chunk_size,
@@ -247,7 +252,7 @@ def gated_linear_attention_sp(
         return o0, M, logcum[:, -1], logcum
 
     return _linear_sp(
-        local, q, k, v, log_gate, None, mesh=mesh, impl=impl, batch_axes=batch_axes,
+        local, q, k, v, log_gate, segment_ids_BT, mesh=mesh, impl=impl, batch_axes=batch_axes,
         decay_spec=lambda b, h: P(b, AXIS, h, None),
     )  # fmt: skip
 

@@ -1,15 +1,18 @@
 """Low precision: ExMy fake quantization for precision studies and scaled FP8 projections.
 
-`project(x, w, eq)` is the one entry every dense projection goes through; `use_precision`
-picks its precision while a forward pass is traced. Imports jax only (never jaxllm layers,
-models or training).
+`project(x, w, eq)` is the one entry every dense projection goes through (`project_ragged`
+for the MoE experts' grouped GEMM); `use_precision` picks its precision while a forward pass
+is traced. `fp8_allreduce` is FP8-LM's data-parallel gradient all-reduce (shared scale, μ).
+Imports jax only (never jaxllm layers, models or training).
 """
 
 from jaxllm.precision.context import (
     GEMM_INPUTS,
     PrecisionSpec,
+    active_spec,
     exmy_einsum,
     project,
+    project_ragged,
     record_delayed_keys,
     use_precision,
 )
@@ -27,20 +30,25 @@ from jaxllm.precision.fp8 import (
     init_delayed_entry,
     update_delayed_state,
 )
+from jaxllm.precision.fp8_comm import fp8_allreduce, fp8_psum
 from jaxllm.precision.fp8_optim import fp8_lm, train_state_bytes_per_param
 
 __all__ = [
     "GEMM_INPUTS",
     "PrecisionSpec",
+    "active_spec",
     "exmy_einsum",
     "exmy_max",
+    "fp8_allreduce",
     "fp8_einsum_blockwise",
     "fp8_einsum_current",
     "fp8_einsum_delayed",
     "fp8_lm",
+    "fp8_psum",
     "init_delayed_entry",
     "parse_exmy",
     "project",
+    "project_ragged",
     "quantize_exmy",
     "quantize_exmy_reference",
     "record_delayed_keys",

@@ -1,10 +1,11 @@
 """Which precision the dense projections run in, and the one function they all call.
 
 Layers call `project(x, w, eq, name=...)` (via `jaxllm.layers.base.dense`) for every dense
-projection; outside a `use_precision` block it is exactly ``jnp.einsum(eq, x, w)``. The train
-and eval steps open `use_precision(spec, fp8_state)` around the forward pass, so the layers
-never see the global config. Embedding, head, norms, routers and attention's own products do
-not go through `project` and stay in high precision.
+projection, and the MoE experts call `project_ragged` for their grouped GEMM; outside a
+`use_precision` block they are exactly ``jnp.einsum`` / `grouped_matmul` (``ragged_dot``, on
+TPU megablox). The train and eval steps open `use_precision(spec, fp8_state)` around the
+forward pass, so the layers never see the global config. Embedding, head, norms, routers and
+attention's own products do not go through `project` and stay in high precision.
 
 Delayed FP8 scaling needs state per projection. Projections are numbered in the order the
 forward pass calls them (``"007_q"``), so their state is a flat dict that `record_delayed_keys`
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 
 from jaxllm.precision import einsum as es
 from jaxllm.precision import fp8 as fp8_lib
+from jaxllm.precision import ragged
 from jaxllm.precision.exmy import BlockSize, parse_exmy, quantize_exmy
+from jaxllm.precision.grouped_matmul import grouped_matmul
 
 QSpec = tuple[int, int, BlockSize]  # (E, M, block_size)
 # The six GEMM inputs (Sun et al. 2025): P1 x, P2 w (forward); P3 dy, P4 w (dX = dY W);
@@ -34,12 +37,14 @@ GEMM_INPUTS = ("x", "w", "dy_dx", "w_dx", "dy_dw", "x_dw")
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionSpec:
-    """fp8: none | current | delayed | blockwise; quantize: ExMy per GEMM input (or None)."""
+    """fp8: none | current | delayed | blockwise; quantize: ExMy per GEMM input (or None);
+    fp8_impl: xla | pallas, what runs the FP8 GEMMs of `project`."""
 
     fp8: str = "none"
     quantize: tuple[QSpec | None, ...] = (None,) * 6
     amax_history_len: int = 16
     margin: int = 0
+    fp8_impl: str = "xla"
 
     @property
     def active(self) -> bool:
@@ -52,7 +57,7 @@ class PrecisionSpec:
             parse_exmy(getattr(c.quantize, n)) if getattr(c.quantize, n) else None
             for n in GEMM_INPUTS
         )
-        return cls(c.fp8, q, c.amax_history_len, c.margin)
+        return cls(c.fp8, q, c.amax_history_len, c.margin, c.fp8_impl)
 
 
 @dataclasses.dataclass
@@ -92,7 +97,34 @@ def record_delayed_keys(spec: PrecisionSpec, forward) -> dict:
         jax.eval_shape(forward)
     finally:
         _ACTIVE.reset(token)
-    return {k: fp8_lib.init_delayed_entry(spec.amax_history_len) for k in scope.recorded}
+    return {
+        k: fp8_lib.init_delayed_entry(spec.amax_history_len, w_scales)
+        for k, w_scales in scope.recorded.items()
+    }
+
+
+def active_spec() -> PrecisionSpec | None:
+    """The precision of the enclosing `use_precision` block (None outside one)."""
+    scope = _ACTIVE.get()
+    return None if scope is None else scope.spec
+
+
+def _delayed_key(scope: _Scope, name: str, w_scales: tuple[int, ...]) -> str:
+    """Number this projection; while recording, note the shape of its weight scale."""
+    key = f"{scope.counter:03d}_{name}"
+    scope.counter += 1
+    if scope.recorded is not None:
+        scope.recorded[key] = w_scales
+    return key
+
+
+def _delayed_entry(scope: _Scope, key: str) -> dict:
+    if key not in scope.state:
+        raise KeyError(
+            f"no delayed FP8 state for projection {key!r}; the state has "
+            f"{len(scope.state)} entries (was it recorded for this model?)"
+        )
+    return scope.state[key]
 
 
 def project(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.Array:
@@ -108,23 +140,46 @@ def project(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.A
     if any(q is not None for q in spec.quantize):
         return exmy_einsum(eq, x, w, spec.quantize)
     if spec.fp8 == "current":
-        return fp8_lib.fp8_einsum_current(eq, x, w)
+        return fp8_lib.fp8_einsum_current(eq, x, w, spec.fp8_impl)
     if spec.fp8 == "blockwise":
-        return fp8_lib.fp8_einsum_blockwise(eq, x, w, fp8_lib.TILE)
+        return fp8_lib.fp8_einsum_blockwise(eq, x, w, fp8_lib.TILE, spec.fp8_impl)
     if spec.fp8 == "delayed":
-        key = f"{scope.counter:03d}_{name}"
-        scope.counter += 1
+        key = _delayed_key(scope, name, ())
         if scope.recorded is not None:
-            scope.recorded[key] = None
             return jnp.einsum(eq, x, w)
         if scope.state is None:
-            return fp8_lib.fp8_einsum_current(eq, x, w)
-        if key not in scope.state:
-            raise KeyError(
-                f"no delayed FP8 state for projection {key!r}; the state has "
-                f"{len(scope.state)} entries (was it recorded for this model?)"
-            )
-        return fp8_lib.fp8_einsum_delayed(eq, x, w, scope.state[key])
+            return fp8_lib.fp8_einsum_current(eq, x, w, spec.fp8_impl)
+        return fp8_lib.fp8_einsum_delayed(eq, x, w, _delayed_entry(scope, key), spec.fp8_impl)
+    raise ValueError(f"unknown precision.fp8 mode {spec.fp8!r}")
+
+
+def project_ragged(
+    x_ND: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array, *, name: str = "experts"
+) -> jax.Array:
+    """The grouped expert GEMM ``jax.lax.ragged_dot(x_ND, w_EDF, sizes_E)`` in the active
+    precision (`jaxllm.precision.ragged`); result in `x_ND.dtype`.
+
+    x_ND: rows sorted by expert; w_EDF: one [D, F] weight per expert; sizes_E: rows per
+    expert. FP8 scales are per tensor for x and dy and per expert for w (delayed: a [L, E]
+    history and [E] scales for w).
+    """
+    scope = _ACTIVE.get()
+    if scope is None or not scope.spec.active:
+        return grouped_matmul(x_ND, w_EDF, sizes_E)
+    spec = scope.spec
+    if any(q is not None for q in spec.quantize):
+        return ragged.qdq_ragged(x_ND, w_EDF, sizes_E, ("exmy", spec.quantize))
+    if spec.fp8 == "current":
+        return ragged.fp8_ragged_current(x_ND, w_EDF, sizes_E)
+    if spec.fp8 == "blockwise":
+        return ragged.qdq_ragged(x_ND, w_EDF, sizes_E, ("blockwise", fp8_lib.TILE))
+    if spec.fp8 == "delayed":
+        key = _delayed_key(scope, name, (w_EDF.shape[0],))
+        if scope.recorded is not None:
+            return grouped_matmul(x_ND, w_EDF, sizes_E)
+        if scope.state is None:
+            return ragged.fp8_ragged_current(x_ND, w_EDF, sizes_E)
+        return ragged.fp8_ragged_delayed(x_ND, w_EDF, sizes_E, _delayed_entry(scope, key))
     raise ValueError(f"unknown precision.fp8 mode {spec.fp8!r}")
 
 

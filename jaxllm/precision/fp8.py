@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.precision import einsum as es
+from jaxllm.precision import fp8_gemm
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 FP8_MAX = {jnp.dtype(E4M3): 448.0, jnp.dtype(E5M2): 57344.0}
 TILE = 128
+IMPLS = ("xla", "pallas")  # precision.fp8_impl: XLA's dot_general or the Pallas FP8 kernel
 
 # Delayed-scaling state of one projection: a history and a scale per GEMM input.
 DelayedEntry = dict[str, dict[str, jax.Array]]
@@ -65,14 +67,34 @@ def _amax(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(x.astype(jnp.float32)))
 
 
-def _scaled_gemm(eq, x8, sx, w8, sw, out_dtype):
+def _kernel_plan(eq: str, impl: str, *scales) -> fp8_gemm.Plan | None:
+    """The 2-D form of the projection when `impl` is "pallas" and the kernel can take it: a
+    plain matmul (`fp8_gemm.plan`) with per-tensor scales (per-expert weight scales and batch
+    letters stay on XLA's dot_general). None means XLA."""
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 impl must be one of {IMPLS}, not {impl!r}")
+    if impl == "xla" or any(jnp.ndim(s) for s in scales):
+        return None
+    return fp8_gemm.plan(eq)
+
+
+def _scaled_gemm(eq, x8, sx, w8, sw, out_dtype, impl="xla"):
+    if (p := _kernel_plan(eq, impl, sx, sw)) is not None:
+        y2 = fp8_gemm.matmul(p.x2(x8), p.w2(w8), 1.0 / (sx * sw), 1.0, out_dtype, tokens="rows")
+        return p.y(y2, p.sizes(x8, w8, other_is_w=True))
     y = jnp.einsum(eq, x8.astype(out_dtype), w8.astype(out_dtype),
                    preferred_element_type=jnp.float32)  # fmt: skip
     return (y / (sx * sw)).astype(out_dtype)
 
 
-def _backward(eq, dy, dy_dtype, sdy, x8, sx, w8, sw, x_dtype, w_dtype):
+def _backward(eq, dy, dy_dtype, sdy, x8, sx, w8, sw, x_dtype, w_dtype, impl="xla"):
     dy8 = to_fp8(dy, dy_dtype, sdy)
+    if (p := _kernel_plan(eq, impl, sx, sw)) is not None:
+        # dX = dY·Wᵀ, dW = Xᵀ·dY on the saved FP8 operands (transposed in FP8)
+        dy2, sizes = p.y2(dy8), p.sizes(x8, dy, other_is_w=False)
+        dx = fp8_gemm.matmul(dy2, p.w2(w8).T, 1.0 / (sdy * sw), 1.0, x_dtype, tokens="rows")
+        dw = fp8_gemm.matmul(p.x2(x8).T, dy2, 1.0 / (sdy * sx), 1.0, w_dtype, tokens="inner")
+        return p.x_back(dx, sizes), p.w_back(dw, sizes)
     a, b, c = es.parse(eq)
     dx = jnp.einsum(f"{c},{b}->{a}", dy8.astype(x_dtype), w8.astype(x_dtype),
                     preferred_element_type=jnp.float32) / (sdy * sw)  # fmt: skip
@@ -84,16 +106,17 @@ def _backward(eq, dy, dy_dtype, sdy, x8, sx, w8, sw, x_dtype, w_dtype):
 # ------------------------------------------------------------------------- current
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fp8_einsum_current(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """``einsum(eq, x, w)`` as FP8 GEMMs with per-tensor scales from this step's amax."""
-    return _current_fwd(eq, x, w)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def fp8_einsum_current(eq: str, x: jax.Array, w: jax.Array, impl: str = "xla") -> jax.Array:
+    """``einsum(eq, x, w)`` as FP8 GEMMs with per-tensor scales from this step's amax;
+    impl: "xla" (dot_general) or "pallas" (`kernels_pallas.fp8_matmul`)."""
+    return _current_fwd(eq, x, w, impl)[0]
 
 
-def _current_fwd(eq, x, w):
+def _current_fwd(eq, x, w, impl):
     sx, sw = scale_from_amax(_amax(x), E4M3), scale_from_amax(_amax(w), E4M3)
     x8, w8 = to_fp8(x, E4M3, sx), to_fp8(w, E4M3, sw)
-    return _scaled_gemm(eq, x8, sx, w8, sw, x.dtype), (x8, sx, w8, sw, _dtypes(x, w))
+    return _scaled_gemm(eq, x8, sx, w8, sw, x.dtype, impl), (x8, sx, w8, sw, _dtypes(x, w))
 
 
 def _dtypes(x, w):
@@ -101,10 +124,10 @@ def _dtypes(x, w):
     return jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype)
 
 
-def _current_bwd(eq, res, dy):
+def _current_bwd(eq, impl, res, dy):
     x8, sx, w8, sw, (xd, wd) = res
     sdy = scale_from_amax(_amax(dy), E5M2)
-    return _backward(eq, dy, E5M2, sdy, x8, sx, w8, sw, xd.dtype, wd.dtype)
+    return _backward(eq, dy, E5M2, sdy, x8, sx, w8, sw, xd.dtype, wd.dtype, impl)
 
 
 fp8_einsum_current.defvjp(_current_fwd, _current_bwd)
@@ -113,44 +136,55 @@ fp8_einsum_current.defvjp(_current_fwd, _current_bwd)
 # ------------------------------------------------------------------------- delayed
 
 
-def init_delayed_entry(history_len: int) -> DelayedEntry:
-    """A projection's fresh state: zero histories, unit scales."""
+def init_delayed_entry(history_len: int, w_scales: tuple[int, ...] = ()) -> DelayedEntry:
+    """A projection's fresh state: zero histories, unit scales. `w_scales`: the shape of the
+    weight's scale (``()`` per tensor, ``(E,)`` one per expert); its history is
+    ``[history_len, *w_scales]``."""
+    shapes = {"x": (), "w": tuple(w_scales), "dy": ()}
     return {
-        r: {"history": jnp.zeros((history_len,), jnp.float32), "scale": jnp.ones((), jnp.float32)}
+        r: {
+            "history": jnp.zeros((history_len, *shapes[r]), jnp.float32),
+            "scale": jnp.ones(shapes[r], jnp.float32),
+        }
         for r in _ROLES
     }
 
 
-def _record(history: jax.Array, amax: jax.Array) -> jax.Array:
-    # TE / Flax bookkeeping: a window of the last L amaxes (roll, then write slot 0).
-    return jnp.roll(history, -1).at[0].set(amax)
+def record_amax(history: jax.Array, amax: jax.Array) -> jax.Array:
+    """TE / Flax bookkeeping: a window of the last L amaxes (roll, then write slot 0)."""
+    return jnp.roll(history, -1, axis=0).at[0].set(amax)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fp8_einsum_delayed(eq: str, x: jax.Array, w: jax.Array, entry: DelayedEntry) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def fp8_einsum_delayed(
+    eq: str, x: jax.Array, w: jax.Array, entry: DelayedEntry, impl: str = "xla"
+) -> jax.Array:
     """``einsum(eq, x, w)`` as FP8 GEMMs with the scales carried in `entry`.
 
     The cotangent returned for `entry` is not a gradient: its histories are the new histories
     (this step's amax recorded) and its scales are zero; `update_delayed_state` turns them
     into the next step's state.
     """
-    return _delayed_fwd(eq, x, w, entry)[0]
+    return _delayed_fwd(eq, x, w, entry, impl)[0]
 
 
-def _delayed_fwd(eq, x, w, entry):
+def _delayed_fwd(eq, x, w, entry, impl):
     sx, sw = entry["x"]["scale"], entry["w"]["scale"]
     x8, w8 = to_fp8(x, E4M3, sx), to_fp8(w, E4M3, sw)
-    y = _scaled_gemm(eq, x8, sx, w8, sw, x.dtype)
+    y = _scaled_gemm(eq, x8, sx, w8, sw, x.dtype, impl)
     return y, (x8, sx, w8, sw, _dtypes(x, w), entry, _amax(x), _amax(w))
 
 
-def _delayed_bwd(eq, res, dy):
+def _delayed_bwd(eq, impl, res, dy):
     x8, sx, w8, sw, (xd, wd), entry, amax_x, amax_w = res
     sdy = entry["dy"]["scale"]
-    dx, dw = _backward(eq, dy, E5M2, sdy, x8, sx, w8, sw, xd.dtype, wd.dtype)
+    dx, dw = _backward(eq, dy, E5M2, sdy, x8, sx, w8, sw, xd.dtype, wd.dtype, impl)
     amaxes = {"x": amax_x, "w": amax_w, "dy": _amax(dy)}
     new = {
-        r: {"history": _record(entry[r]["history"], amaxes[r]), "scale": jnp.zeros((), jnp.float32)}
+        r: {
+            "history": record_amax(entry[r]["history"], amaxes[r]),
+            "scale": jnp.zeros((), jnp.float32),
+        }
         for r in _ROLES
     }
     return dx, dw, new
@@ -171,7 +205,7 @@ def update_delayed_state(old: dict, recorded: dict, margin: int = 0) -> dict:
         for r in _ROLES:
             dtype = E5M2 if r == "dy" else E4M3
             hist = rec_entry[r]["history"]
-            amax = jnp.max(hist)
+            amax = jnp.max(hist, axis=0)  # over the window; per expert for expert weights
             out[r] = {
                 "history": hist,
                 "scale": scale_from_amax(amax, dtype, old_entry[r]["scale"], margin),
@@ -184,36 +218,62 @@ def update_delayed_state(old: dict, recorded: dict, margin: int = 0) -> dict:
 # ----------------------------------------------------------------------- blockwise
 
 
-def _tile_qdq(x_NK: jax.Array, tile: int) -> jax.Array:
-    """Quantize-dequantize ``[..., K]`` with one E4M3 scale per `tile` elements of K."""
+def _tile_quant(x_NK: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+    """``[..., K]`` in E4M3 with one scale per `tile` elements of K; the scales [..., ⌈K/tile⌉]."""
     k = x_NK.shape[-1]
-    pad = -k % tile
-    xp = jnp.pad(x_NK.astype(jnp.float32), [(0, 0)] * (x_NK.ndim - 1) + [(0, pad)])
+    xp = jnp.pad(x_NK.astype(jnp.float32), [(0, 0)] * (x_NK.ndim - 1) + [(0, -k % tile)])
     xb = xp.reshape(*xp.shape[:-1], -1, tile)
     s = scale_from_amax(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), E4M3)
-    return qdq(xb, E4M3, s).reshape(xp.shape)[..., :k]
+    return to_fp8(xb, E4M3, s).reshape(xp.shape)[..., :k], s[..., 0]
 
 
-def _block_qdq(w_NK: jax.Array, tile: int) -> jax.Array:
-    """Quantize-dequantize ``[N, K]`` with one E4M3 scale per `tile × tile` block."""
+def _tile_qdq(x_NK: jax.Array, tile: int) -> jax.Array:
+    """Quantize-dequantize ``[..., K]`` with one E4M3 scale per `tile` elements of K."""
+    x8, s = _tile_quant(x_NK, tile)
+    return x8.astype(jnp.float32) / jnp.repeat(s, tile, axis=-1)[..., : x_NK.shape[-1]]
+
+
+def _block_quant(w_NK: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+    """A matrix in E4M3 with one scale per `tile × tile` block; the scales [⌈N/t⌉, ⌈K/t⌉]."""
     n, k = w_NK.shape
     wp = jnp.pad(w_NK.astype(jnp.float32), [(0, -n % tile), (0, -k % tile)])
     wb = wp.reshape(wp.shape[0] // tile, tile, wp.shape[1] // tile, tile)
     s = scale_from_amax(jnp.max(jnp.abs(wb), axis=(1, 3), keepdims=True), E4M3)
-    return qdq(wb, E4M3, s).reshape(wp.shape)[:n, :k]
+    return to_fp8(wb, E4M3, s).reshape(wp.shape)[:n, :k], s[:, 0, :, 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def fp8_einsum_blockwise(eq: str, x: jax.Array, w: jax.Array, tile: int = TILE) -> jax.Array:
+def _block_qdq(w_NK: jax.Array, tile: int) -> jax.Array:
+    """Quantize-dequantize ``[N, K]`` with one E4M3 scale per `tile × tile` block."""
+    w8, s = _block_quant(w_NK, tile)
+    full = jnp.repeat(jnp.repeat(s, tile, axis=0), tile, axis=1)[: w_NK.shape[0], : w_NK.shape[1]]
+    return w8.astype(jnp.float32) / full
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def fp8_einsum_blockwise(
+    eq: str, x: jax.Array, w: jax.Array, tile: int = TILE, impl: str = "xla"
+) -> jax.Array:
     """``einsum(eq, x, w)`` with DeepSeek-V3 fine-grained scaling: activations (and output
     gradients) in 1×`tile` groups along each GEMM's inner dims, weights in `tile`×`tile`
     blocks; every operand E4M3. The GEMM itself runs on the dequantized values (the
     per-group scales cannot be factored out of the sum, as DeepSeek's kernel does on the
-    fly every 128 elements)."""
-    return _blockwise_fwd(eq, x, w, tile)[0]
+    fly every 128 elements). impl="pallas" runs the three GEMMs in the kernel on the FP8
+    values and their scales, which applies them per 128 elements of the sum as DeepSeek's
+    does (tile must be the kernel's 128; otherwise XLA)."""
+    return _blockwise_fwd(eq, x, w, tile, impl)[0]
 
 
-def _blockwise_fwd(eq, x, w, tile):
+def _blockwise_plan(eq, tile, impl):
+    p = _kernel_plan(eq, impl)
+    return p if p is not None and tile == TILE else None
+
+
+def _blockwise_fwd(eq, x, w, tile, impl):
+    if (p := _blockwise_plan(eq, tile, impl)) is not None:
+        x8, sx = _tile_quant(p.x2(x), tile)  # [M, K], [M, K/128]
+        w8, sw = _block_quant(p.w2(w), tile)  # [K, N], [K/128, N/128]
+        y2 = fp8_gemm.matmul(x8, w8, 1.0 / sx, 1.0 / sw, x.dtype, tokens="rows")
+        return p.y(y2, p.sizes(x, w, other_is_w=True)), (x, w8, sw, _dtypes(x, w)[1])
     a, b, c = es.parse(eq)
     k_fwd = es.inner(a, b, c)
     xq = es.along(x, a, k_fwd, lambda v: _tile_qdq(v, tile))
@@ -222,7 +282,18 @@ def _blockwise_fwd(eq, x, w, tile):
     return y.astype(x.dtype), (x, wq.astype(w.dtype))
 
 
-def _blockwise_bwd(eq, tile, res, dy):
+def _blockwise_bwd(eq, tile, impl, res, dy):
+    if (p := _blockwise_plan(eq, tile, impl)) is not None:
+        x, w8, sw, wd = res
+        sizes, dy2 = p.sizes(x, dy, other_is_w=False), p.y2(dy)
+        # the same groupings as the XLA form below: dX sums over N, so dy in 1×128 groups
+        # along N and W's blocks transposed; dW sums over tokens, so x and dy grouped along M
+        dy8, sdy = _tile_quant(dy2, tile)
+        dx = fp8_gemm.matmul(dy8, w8.T, 1.0 / sdy, 1.0 / sw.T, x.dtype, tokens="rows")
+        dyt8, sdyt = _tile_quant(dy2.T, tile)  # [N, M], [N, M/128]
+        xt8, sxt = _tile_quant(p.x2(x).T, tile)  # [K, M], [K, M/128]
+        dw = fp8_gemm.matmul(xt8, dyt8.T, 1.0 / sxt, 1.0 / sdyt.T, wd.dtype, tokens="inner")
+        return p.x_back(dx, sizes), p.w_back(dw, sizes)
     x, wq = res
     a, b, c = es.parse(eq)
     # dX: dy grouped along the output channels it sums over; W's 128×128 blocks serve both

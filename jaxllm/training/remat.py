@@ -13,9 +13,13 @@ backward pass keeps of each block, per `train.remat`:
   `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
 - ``offload``: MEMO (Zhao et al., SIGMOD 2025): the layer input and the attention output are
   moved to pinned host memory and brought back for the backward; of every other skeletal
-  activation the first ⌊α·T⌋ tokens (α = `train.offload_fraction`) are offloaded too and the
-  rest recomputed. XLA's host-offload passes schedule the copies (on the CPU backend the
-  "host" is the device itself, so the policy compiles and runs but moves nothing).
+  activation the first ⌊α·T⌋ tokens (α = `train.offload_fraction`) are offloaded too and
+  only the rest is recomputed (token-wise projections run on the two parts apart,
+  `jaxllm.layers.base.dense`). XLA's host-offload passes schedule the copies. On the CPU
+  backend the "host" is the device itself, so the policy compiles and runs but moves nothing.
+  Caveat (TPU AOT compiles, benchmarks/README.md): in this unrolled decoder XLA:TPU
+  postpones each device-to-host copy to just before its read-back in the backward, so the
+  device copy stays alive through the forward and the policy saves no HBM there.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from jaxllm.layers.base import ATTN_OUT, LAYER_INPUT, SKELETAL, token_split
+from jaxllm.layers.base import ATTN_OUT, LAYER_INPUT, SKELETAL, host_offload
 
 POLICIES = ("none", "full", "minimal", "save_dots", "offload")
 
@@ -57,13 +61,15 @@ def block_remat(name: str, offload_fraction: float = 0.0) -> Callable[[Callable]
     if name == "none":
         return None
     policy = checkpoint_policy(name, offload_fraction)
-    frac = offload_fraction if name == "offload" else 0.0
 
     def wrap(fn: Callable) -> Callable:
-        def split_tokens(*args):
-            with token_split(frac):
+        if name != "offload":
+            return nnx.remat(fn, policy=policy, prevent_cse=True)
+
+        def offloaded(*args):
+            with host_offload(offload_fraction):
                 return fn(*args)
 
-        return nnx.remat(split_tokens, policy=policy, prevent_cse=True)
+        return nnx.remat(offloaded, policy=policy, prevent_cse=True)
 
     return wrap

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import models
-from jaxllm.config import Config
+from jaxllm.config import Config, ConfigError
 from jaxllm.optim import build_optimizer
 from jaxllm.optim import co2 as co2_lib
 from jaxllm.parallel.rules import sharding_for
@@ -97,6 +97,12 @@ class Trainer:
         opt_shardings = _mirror_shardings(
             abstract_opt, model.abstract_params, param_shardings, mesh
         )
+        if cfg.train.optimizer_offload:
+            if cfg.optim.co2.enabled:
+                raise ConfigError("train.optimizer_offload does not combine with optim.co2")
+            # Angel-PTM: the state lives in pinned host memory between steps; the train step
+            # streams it to the device for the update (jaxllm.training.step)
+            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
         replicated = NamedSharding(mesh, PartitionSpec())
         state_shardings = {
             "step": replicated,

@@ -20,6 +20,7 @@ from jaxllm.training.remat import block_remat
 from jaxllm.training.state import Trainer, TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] int32; loss_mask f32
+# (and domain [B, T] int32 when data.domains is set)
 
 
 def cross_entropy(
@@ -107,7 +108,7 @@ def _forward_loss(trainer: Trainer, params: dict, mb: Batch, fp8_state: dict | N
     with use_precision(PrecisionSpec.from_config(trainer.cfg.precision), fp8_state):
         model = trainer.model.merge(params)
         logits = model(mb["inputs"], positions_BT=mb["positions"],
-                       segment_ids_BT=mb["segment_ids"],
+                       segment_ids_BT=mb["segment_ids"], domain_BT=mb.get("domain"),
                        remat=block_remat(t.remat, t.offload_fraction))  # fmt: skip
     total, z = cross_entropy(logits, mb["targets"], mb["loss_mask"], trainer.cfg.train.z_loss)
     updates = layer_updates(model)
@@ -118,6 +119,11 @@ def _forward_loss(trainer: Trainer, params: dict, mb: Batch, fp8_state: dict | N
     aux_sum = aux * jnp.sum(mb["loss_mask"])
     nll = total - trainer.cfg.train.z_loss * z
     return total + aux_sum, ({"nll": nll, "z": z, "aux": aux_sum}, layer_metrics)
+
+
+def _z_metric(cfg, sums: dict, n_tokens: jax.Array) -> dict:
+    """The mean log(Z)² as `z_loss`, logged only when it is part of the objective."""
+    return {"z_loss": sums["z"] / n_tokens} if cfg.train.z_loss > 0 else {}
 
 
 def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -160,7 +166,14 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
             layer_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), lms)
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = trainer.tx.update(grads, state["opt_state"], params)
+        opt_state = state["opt_state"]
+        if cfg.train.optimizer_offload:
+            # in from pinned host memory; the out_shardings send the new state back there
+            on_device = lambda s: s.with_memory_kind("device")
+            opt_state = jax.device_put(
+                opt_state, jax.tree.map(on_device, trainer.state_shardings["opt_state"])
+            )
+        updates, opt_state = trainer.tx.update(grads, opt_state, params)
         new_params, layer_metrics = apply_layer_updates(
             params, optax.apply_updates(params, updates), layer_metrics
         )
@@ -175,11 +188,11 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
         metrics = {
             **layer_metrics,
             "loss": sums["nll"] / n_tokens,
-            "z_loss": sums["z"] / n_tokens,
             "aux_loss": sums["aux"] / n_tokens,
             "grad_norm": grad_norm,
             "lr": trainer.schedule(state["step"]),
             "tokens": n_tokens,
+            **_z_metric(cfg, sums, n_tokens),
         }
         return new_state, metrics
 
@@ -221,8 +234,8 @@ def _make_co2_step(trainer: Trainer):
         metrics = {
             **layer,
             "loss": sums["nll"] / n_tokens,
-            "z_loss": sums["z"] / n_tokens,
             "aux_loss": sums["aux"] / n_tokens,
+            **_z_metric(cfg, sums, n_tokens),
             "grad_norm": jnp.mean(m["grad_norm"]),
             "lr": trainer.schedule(new_state["step"] - 1),
             "tokens": n_tokens,

@@ -5,7 +5,8 @@ and GPU (gpu.py, Triton) kernels, chosen by the platform the computation is lowe
 the TPU kernel in interpret mode on the CPU. Both kernel modules implement
 `forward(q, k, v, g, s0, *, seq_len, block_t, block_v, interpret)` and
 `backward(q, k, v, g, s0, do, dsT, *, seq_len, block_t, block_v, interpret)` on head-major
-[B, H, T, K] arrays.
+[B, H, T, K] arrays; the TPU kernels also take `run_BT` (packed documents: the state reset at
+each document start), which `lightning_attention(..., segment_ids=...)` passes.
 """
 
 from kernels_pallas.lightning_attention.api import gpu_available, lightning_attention

@@ -1,18 +1,17 @@
 """Ahead-of-time compiles of the lightning attention kernel for TPU topologies, from this CPU
-host (marker `tpu_aot`, needs libtpu): Mosaic accepts the forward and both backward kernels,
-and a TNL model's gradient lowered for TPU picks the kernel (impl="auto")."""
+host (marker `tpu_aot`, needs libtpu): Mosaic accepts the forward and both backward kernels
+(with and without document resets), and a TNL preset's train step lowered for TPU picks the
+packed kernel (impl="auto")."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from jaxllm import compile as aot
 from jaxllm import config
-from jaxllm.models.decoder import Decoder
 from kernels_pallas.lightning_attention import lightning_attention, tpu
 
 pytestmark = [
@@ -52,38 +51,37 @@ def test_kernel_compiles_for_tpu(topology, head_dim):
     assert hlo.count(MOSAIC) == 3
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
-def test_kernel_compiles_at_the_tables_block_sizes(topology):
-    """The per-chip table's (block_t, chunk), which a compile from a CPU host does not pick."""
+def test_kernel_compiles_at_the_tables_block_sizes(topology, packed):
+    """The per-chip table's (block_t, chunk), which a compile from a CPU host does not pick;
+    packed: with document runs (resets)."""
     device = _device(topology)
     block_t, chunk = tpu.default_block_sizes(device.device_kind)
     B, H, T, K = 2, 4, 4096, 128
     kw = dict(seq_len=T - 3, block_t=block_t, block_v=K, chunk=chunk)
 
-    def fwd_bwd(q, g, s0):
-        o, sT = tpu.forward(q, q, q, g, s0, **kw)
-        return o, sT, tpu.backward(q, q, q, g, s0, o, sT, **kw)
+    def fwd_bwd(q, g, s0, run):
+        o, sT = tpu.forward(q, q, q, g, s0, run_BT=run, **kw)
+        return o, sT, tpu.backward(q, q, q, g, s0, o, sT, run_BT=run, **kw)
 
     args = (jax.ShapeDtypeStruct((B, H, T, K), jnp.bfloat16),
             jax.ShapeDtypeStruct((H,), jnp.float32),
-            jax.ShapeDtypeStruct((B, H, K, K), jnp.float32))  # fmt: skip
+            jax.ShapeDtypeStruct((B, H, K, K), jnp.float32),
+            jax.ShapeDtypeStruct((B, T), jnp.int32) if packed else None)  # fmt: skip
     hlo = jax.jit(fwd_bwd).trace(*_abstract(args, device)).lower().compile().as_text()
     assert hlo.count(MOSAIC) == 3
 
 
-def test_tnl_model_gradient_uses_the_kernel():
-    """A TNL preset's model, differentiated and compiled for a v5e: the lightning layers lower
-    to the Mosaic kernel (the unpacked path: the layer's packed-documents path, taken when the
-    batch has segment ids, is the XLA form)."""
-    cfg = config.load("tnl-tiny", ["model.n_layers=2", "model.dtype=bfloat16"])
-    model = nnx.eval_shape(lambda: Decoder(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(model)
-
-    def loss(params, tokens_BT):
-        logits = nnx.merge(graphdef, params)(tokens_BT)
-        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-
-    tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
-    args = _abstract((params, tokens), _device("v5e:2x2"))
-    hlo = jax.jit(jax.grad(loss)).trace(*args).lower().compile().as_text()
-    assert hlo.count(MOSAIC) == 3 * cfg.model.n_layers
+def test_tnl_train_step_uses_the_packed_kernel():
+    """A TNL preset's real train step (its batches carry segment_ids: packed documents),
+    compiled for a v5e:2x2 data-parallel mesh: every lightning layer lowers to the Mosaic
+    kernel with document resets (forward, dq sweep, dk/dv sweep; the int32 runs among the
+    operands), each inside a shard_map."""
+    cfg = config.load("tnl-tiny", ["model.n_layers=2"])
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
+    assert mesh.shape["data"] == 4
+    calls = [line for line in lowered.compile().as_text().splitlines() if MOSAIC in line]
+    assert len(calls) == 3 * cfg.model.n_layers
+    assert all("s32[" in line for line in calls)
