@@ -1,6 +1,9 @@
-"""Small configs shared by tests."""
+"""Small configs and comparisons shared by tests."""
 
 from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
 
 from jaxllm import config
 
@@ -27,3 +30,16 @@ def tiny(*overrides: str, name: str = "default") -> config.Config:
         "logging.progress=lines",
     ]
     return config.load(name, [*base, *overrides])
+
+
+def assert_close(name, ref, got, ratio, atol=1e-6):
+    """Pass when max|Δ| ≤ atol or the RMS of ref − got is at most `ratio` of ref's RMS."""
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    assert ref.shape == got.shape, f"{name}: shape {got.shape} != {ref.shape}"
+    assert np.isfinite(got).all(), f"{name}: non-finite values"
+    max_err = np.abs(ref - got).max(initial=0.0)
+    if max_err <= atol:
+        return
+    rms_ratio = np.sqrt(np.mean((ref - got) ** 2)) / np.sqrt(np.mean(ref**2))
+    assert rms_ratio <= ratio, f"{name}: max|Δ| {max_err:.3g}, RMS ratio {rms_ratio:.3g} > {ratio}"

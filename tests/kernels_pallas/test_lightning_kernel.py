@@ -23,21 +23,10 @@ from jaxllm.ops.lightning_attention_packed import (
 )
 from kernels_pallas.lightning_attention import lightning_attention as kernel_attention
 from kernels_pallas.lightning_attention import tpu
+from tests.helpers import assert_close
 
 F32_RATIO = 1e-5
 BF16_RATIO = 5e-3
-
-
-def assert_close(name, ref, got, ratio, atol=1e-6):
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    assert ref.shape == got.shape, f"{name}: shape {got.shape} != {ref.shape}"
-    assert np.isfinite(got).all(), f"{name}: non-finite values"
-    max_err = np.abs(ref - got).max(initial=0.0)
-    if max_err <= atol:
-        return
-    rms_ratio = np.sqrt(np.mean((ref - got) ** 2)) / np.sqrt(np.mean(ref**2))
-    assert rms_ratio <= ratio, f"{name}: max|Δ| {max_err:.3g}, RMS ratio {rms_ratio:.3g} > {ratio}"
 
 
 def _log_decay(kind, H):

@@ -23,6 +23,7 @@ from jaxllm.ops.gated_linear_attention import (
     gated_linear_attention_reference,
     gated_linear_attention_step,
 )
+from tests.helpers import assert_close
 
 # The module itself (the package's attribute of this name is the function).
 gla_module = importlib.import_module("jaxllm.ops.gated_linear_attention")
@@ -35,18 +36,6 @@ attention = jax.jit(
     gated_linear_attention, static_argnames=("return_final_state", "chunk_size", "impl")
 )
 reference = jax.jit(gated_linear_attention_reference, static_argnames=("return_final_state",))
-
-
-def assert_close(name, ref, got, ratio, atol=1e-6):
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    assert ref.shape == got.shape, f"{name}: shape {got.shape} != {ref.shape}"
-    assert np.isfinite(got).all(), f"{name}: non-finite values"
-    max_err = np.abs(ref - got).max(initial=0.0)
-    if max_err <= atol:
-        return
-    rms_ratio = np.sqrt(np.mean((ref - got) ** 2)) / np.sqrt(np.mean(ref**2))
-    assert rms_ratio <= ratio, f"{name}: max|Δ| {max_err:.3g}, RMS ratio {rms_ratio:.3g} > {ratio}"
 
 
 def _inputs(B, T, H, K, V, normalizer, dtype=jnp.float32, seed=0):

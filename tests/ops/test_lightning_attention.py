@@ -23,6 +23,7 @@ from jaxllm.ops.lightning_attention import (
     lightning_attention_reference,
     lightning_attention_step,
 )
+from tests.helpers import assert_close
 
 # The module itself (the package's attribute of this name is the function).
 la_module = importlib.import_module("jaxllm.ops.lightning_attention")
@@ -35,18 +36,6 @@ _STATIC = ("return_final_state", "chunk_size", "impl")
 attention = jax.jit(lightning_attention, static_argnames=_STATIC)
 reference = jax.jit(lightning_attention_reference, static_argnames=_STATIC[:1])
 recurrent = jax.jit(lightning_attention_recurrent, static_argnames=_STATIC[:1])
-
-
-def assert_close(name, ref, got, ratio, atol=1e-6):
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    assert ref.shape == got.shape, f"{name}: shape {got.shape} != {ref.shape}"
-    assert np.isfinite(got).all(), f"{name}: non-finite values"
-    max_err = np.abs(ref - got).max(initial=0.0)
-    if max_err <= atol:
-        return
-    rms_ratio = np.sqrt(np.mean((ref - got) ** 2)) / np.sqrt(np.mean(ref**2))
-    assert rms_ratio <= ratio, f"{name}: max|Δ| {max_err:.3g}, RMS ratio {rms_ratio:.3g} > {ratio}"
 
 
 def _log_decay(kind, H):
