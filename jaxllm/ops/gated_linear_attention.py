@@ -284,9 +284,5 @@ def gated_linear_attention(
     C = max(1, min(C, T))
     c = min(C, SUB_CHUNK_SIZE)
     C = -(-C // c) * c
-    if C // c == 2:
-        # jaxlib 0.10.2's CPU backend crashes (SIGSEGV) running the gradient with exactly two
-        # sub-chunks per chunk and four or more chunks; four sub-chunks of half the size avoid it.
-        c //= 2
     o_BTHV, state_BHKV = _chunked(q, k, v, log_gate, _state_BHKV(initial_state, B, H, K, V), C, c)
     return _finish(o_BTHV, q.dtype, state_BHKV, return_final_state)
