@@ -47,6 +47,11 @@ class ModelConfig(Section):
     layer_pattern: list[str] | None = Field(
         None, description="token mixer per layer, repeated to n_layers (hybrids)"
     )
+    scan_layers: bool = Field(
+        False,
+        description="run the longest repeating run of layers as one lax.scan over stacked "
+        "parameters (compile time and memory flat in depth; the checkpoint layout changes)",
+    )
     mixers: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="options of each token mixer, by name"
     )

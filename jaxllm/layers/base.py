@@ -40,6 +40,13 @@ class LayerConfig(BaseModel):
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+    def scan_key(self) -> dict:
+        """What makes two layers of the stack one program (`jaxllm.models.scan`): every option
+        but `layer_index`. A layer whose structure depends on its index (CLA's producer, Cog's
+        plain-softmax layers) adds what it derives from it; a layer whose numbers depend on it
+        (TNL's decay) reads the index at run time instead (`uses_layer`)."""
+        return self.model_dump(exclude={"layer_index"})
+
 
 # Names of the layer-config fields the model fills in from `model.*`.
 DIM_FIELDS = tuple(LayerConfig.model_fields)

@@ -33,6 +33,9 @@ class CLAConfig(AttnVariantConfig):
     )
     impl: Literal["auto", "reference", "xla", "cudnn"] = "auto"
 
+    def scan_key(self) -> dict:
+        return {**super().scan_key(), "producer": self.layer_index % self.share_factor == 0}
+
 
 @register_mixer("cla", CLAConfig)
 class CrossLayerAttention(QKVO):

@@ -51,6 +51,9 @@ class CLLAConfig(AttnVariantConfig):
             raise ValueError("quant_group and rope_dim must be even (int4 packs two per byte)")
         return self
 
+    def scan_key(self) -> dict:
+        return {**super().scan_key(), "producer": self.layer_index % self.share_factor == 0}
+
 
 QMAX = {"int8": 127, "int4": 7}
 

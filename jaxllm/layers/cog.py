@@ -29,6 +29,14 @@ class CogConfig(AttnVariantConfig):
     impl: Literal["auto", "reference", "xla"] = "auto"
     block: int = Field(128, ge=1, description="keys per block of the online-softmax path")
 
+    @property
+    def signed(self) -> bool:
+        """Whether this layer uses Cog's signed weights (not one of `softmax_layers`)."""
+        return self.layer_index not in {i % self.n_layers for i in self.softmax_layers}
+
+    def scan_key(self) -> dict:
+        return {**super().scan_key(), "signed": self.signed}
+
 
 @register_mixer("cog", CogConfig)
 class CogAttention(QKVO):
@@ -40,8 +48,7 @@ class CogAttention(QKVO):
         self.k_norm = (
             param(rngs, (cfg.head_dim,), ("head_dim",), init="ones") if cfg.qk_norm else None
         )
-        n = cfg.n_layers
-        self.signed = cfg.layer_index not in {i % n for i in cfg.softmax_layers}
+        self.signed = cfg.signed
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
         return kv_cache(self.cfg, batch, max_len)

@@ -90,6 +90,14 @@ class HGRN2Config(LayerConfig):
     chunk_size: int | None = Field(None, ge=1)
     impl: Literal["auto", "reference", "xla"] = "auto"
 
+    @property
+    def has_bound(self) -> bool:
+        """Layer 0 has no lower bound; every later layer raises the previous one's."""
+        return self.lower_bound and self.layer_index > 0
+
+    def scan_key(self) -> dict:
+        return {**super().scan_key(), "has_bound": self.has_bound}
+
 
 @register_mixer("hgrn2", HGRN2Config)
 class HGRN2(nnx.Module):
@@ -114,7 +122,7 @@ class HGRN2(nnx.Module):
         self.wo = param(rngs, (h, self.v, d), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
         # Scale and bound logits are flat (1-D), so the optimizer's decay mask skips them.
         self.norm_scale = param(rngs, (d,), ("norm",), init="ones")
-        self.has_bound = cfg.lower_bound and cfg.layer_index > 0
+        self.has_bound = cfg.has_bound
         if self.has_bound:
             p = 1.0 / (cfg.n_layers - cfg.layer_index + 1)
             beta = jnp.full((h * k,), math.log(p / (1.0 - p)), jnp.float32)

@@ -155,6 +155,8 @@ class Lightning(nnx.Module):
     The decay is a fixed per-head, per-layer schedule (`tnl_log_decay`), not a parameter.
     """
 
+    uses_layer = True
+
     def __init__(self, cfg: LightningConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.wq, self.wk = _proj(rngs, cfg, cfg.init_std), _proj(rngs, cfg, cfg.init_std)
@@ -178,11 +180,19 @@ class Lightning(nnx.Module):
         chunk = cfg.chunk_size or DEFAULT_CHUNK_SIZE
         return linear_attention_flops(cfg.n_heads, k, cfg.head_dim, chunk, seq_len)
 
-    def log_decay(self) -> jax.Array | None:
+    def log_decay(self, layer: int | jax.Array | None = None) -> jax.Array | None:
+        """log λ [H] of layer `layer` (None = `cfg.layer_index`; an int32 scalar when the
+        decoder scans its layers, then looked up in the table of every layer's decay)."""
         c = self.cfg
         if c.decay == "none":
             return None
-        return tnl_log_decay(c.n_heads, c.layer_index, c.n_layers, c.decay)
+        if layer is None or isinstance(layer, int):
+            index = c.layer_index if layer is None else layer
+            return tnl_log_decay(c.n_heads, index, c.n_layers, c.decay)
+        table_LH = jnp.stack(
+            [tnl_log_decay(c.n_heads, i, c.n_layers, c.decay) for i in range(c.n_layers)]
+        )
+        return table_LH[layer]
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
         del max_len  # O(1) state: the length does not matter
@@ -200,6 +210,7 @@ class Lightning(nnx.Module):
         positions_BT: jax.Array,
         segment_ids_BT: jax.Array | None = None,
         cache: Cache | None = None,
+        layer: int | jax.Array | None = None,
     ) -> tuple[jax.Array, Any]:
         c = self.cfg
         dt = c.compute_dtype
@@ -221,7 +232,7 @@ class Lightning(nnx.Module):
         k_BTHK = tag(constrain(k_BTHK, _ACT), "k")
         v_BTHK = tag(constrain(v_BTHK, _ACT), "v")
         o_BTHK, cache = linear_attend(
-            q_BTHK, k_BTHK, v_BTHK, self.log_decay(), segment_ids_BT=segment_ids_BT,
+            q_BTHK, k_BTHK, v_BTHK, self.log_decay(layer), segment_ids_BT=segment_ids_BT,
             cache=cache, chunk_size=c.chunk_size, impl=c.impl,
         )  # fmt: skip
         b, t, h, k = o_BTHK.shape

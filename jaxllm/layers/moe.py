@@ -105,6 +105,9 @@ class MoEConfig(LayerConfig):
     def is_dense(self) -> bool:
         return any(i % self.n_layers == self.layer_index for i in self.dense_layers)
 
+    def scan_key(self) -> dict:
+        return {**super().scan_key(), "is_dense": self.is_dense}
+
     @property
     def dropless(self) -> bool:
         return self.capacity_factor is None or self.capacity_factor <= 0
@@ -139,6 +142,7 @@ class MoE(nnx.Module):
     shared(x) is scaled by sigmoid(x·g) (Qwen2-MoE)."""
 
     uses_tokens = True
+    uses_layer = True
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -172,10 +176,18 @@ class MoE(nnx.Module):
         per_expert = [3 * cfg.d_model * f for f in cfg.widths]
         return int(sum(per_expert) - cfg.top_k * sum(per_expert) / len(per_expert))
 
-    def route(self, x_TD: jax.Array, tokens_T: jax.Array | None, domain_T: jax.Array | None = None):
+    def route(
+        self,
+        x_TD: jax.Array,
+        tokens_T: jax.Array | None,
+        domain_T: jax.Array | None = None,
+        layer: int | jax.Array | None = None,
+    ):
         """(routing, scores_TE, logits_TE) in float32; scores/logits None for hash routing,
-        whose tokens go to the experts of their domain (`domain_T`, else `cfg.domain`)."""
+        whose tokens go to the experts of their domain (`domain_T`, else `cfg.domain`).
+        `layer`: this layer's index (None = `cfg.layer_index`), which seeds the hash."""
         c = self.cfg
+        layer = c.layer_index if layer is None else layer
         if c.router == "hash":
             if tokens_T is None:
                 raise ValueError("router=hash needs the token ids (tokens_BT)")
@@ -184,7 +196,7 @@ class MoE(nnx.Module):
                 n_experts=c.n_experts,
                 n_domains=c.n_domains,
                 domain=c.domain if domain_T is None else domain_T,
-                seed=c.hash_seed + c.layer_index,
+                seed=c.hash_seed + layer,
             )
             return routing, None, None
         logits_TE = jnp.einsum(
@@ -208,8 +220,12 @@ class MoE(nnx.Module):
         *,
         tokens_BT: jax.Array | None = None,
         domain_BT: jax.Array | None = None,
+        layer: int | jax.Array | None = None,
     ) -> jax.Array:
+        """x: [B, T, D] → [B, T, D]. `layer`: the index in the stack (None = `cfg.layer_index`;
+        an int32 scalar when the decoder scans its layers) seeds hash routing and recycling."""
         c = self.cfg
+        layer = c.layer_index if layer is None else layer
         if c.is_dense:
             return self.dense(x_BTD)
         dt = c.compute_dtype
@@ -217,7 +233,7 @@ class MoE(nnx.Module):
         x_TD = x_BTD.reshape(b * t, d).astype(dt)
         tokens_T = None if tokens_BT is None else tokens_BT.reshape(b * t)
         domain_T = None if domain_BT is None else domain_BT.reshape(b * t)
-        routing, scores_TE, logits_TE = self.route(x_TD, tokens_T, domain_T)
+        routing, scores_TE, logits_TE = self.route(x_TD, tokens_T, domain_T, layer)
         self._sow_losses(routing, scores_TE, logits_TE)
         groups = [g.weights() for g in self.groups]
         capacity_factor = None if c.dropless else c.capacity_factor
@@ -231,12 +247,14 @@ class MoE(nnx.Module):
                     groups,
                     capacity_factor=capacity_factor,
                     drop_policy=c.drop_policy,
-                    key=self._recycle_key(routing),
+                    key=self._recycle_key(routing, layer),
                     a2a=c.a2a,
                     dtype=dt,
                 )
         else:
-            y_TD, stats = self._local(x_TD, routing, recycle_scores_TE, groups, capacity_factor)
+            y_TD, stats = self._local(
+                x_TD, routing, recycle_scores_TE, groups, capacity_factor, layer
+            )
         if stats is not None:
             self.sow(nnx.Intermediate, "metric_moe_dropped_fraction", stats.dropped)
             self.sow(nnx.Intermediate, "metric_moe_recycled_fraction", stats.recycled)
@@ -256,7 +274,7 @@ class MoE(nnx.Module):
             y_BTD = y_BTD + shared_BTD
         return y_BTD.astype(dt)
 
-    def _local(self, x_TD, routing, recycle_scores_TE, groups, capacity_factor):
+    def _local(self, x_TD, routing, recycle_scores_TE, groups, capacity_factor, layer):
         c = self.cfg
         impl = c.impl
         if impl == "auto":
@@ -274,19 +292,19 @@ class MoE(nnx.Module):
             n_experts=c.n_experts,
             capacity=cap,
             policy=c.drop_policy,
-            key=self._recycle_key(routing),
+            key=self._recycle_key(routing, layer),
         )
         y = moe_experts(
             x_TD, routing, groups, impl=impl, slot_TK=slot_TK, capacity=cap, dtype=c.compute_dtype
         )
         return y, stats
 
-    def _recycle_key(self, routing: R.Routing) -> jax.Array:
+    def _recycle_key(self, routing: R.Routing, layer: int | jax.Array) -> jax.Array:
         # Recycling needs fresh randomness each step without an RNG stream in the train step:
         # a hash of this batch's routing, folded into a key fixed per layer.
         ids = jax.lax.stop_gradient(routing.experts_TK).astype(jnp.uint32).reshape(-1)
         mix = jnp.sum(ids * (jnp.arange(ids.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761)))
-        return jax.random.fold_in(jax.random.key(self.cfg.layer_index), mix)
+        return jax.random.fold_in(jax.random.key(layer), mix)
 
     def _sow_losses(self, routing, scores_TE, logits_TE) -> None:
         c = self.cfg

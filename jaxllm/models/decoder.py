@@ -9,14 +9,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm import precision
 from jaxllm.config import ModelConfig
 from jaxllm.layers import registry
 from jaxllm.layers.base import DIM_FIELDS, LAYER_INPUT, cast, param, tag
 from jaxllm.layers.norms import RMSNorm
 from jaxllm.layers.srms import SRMSNorm
+from jaxllm.models.scan import ScanPlan, plan_layers, stack_modules
 from jaxllm.parallel.rules import constrain
 
 _ACT = ("batch", "length", "act_embed")
+# Entries of the blocks' `carry` that no layer writes: the same for every layer.
+CONSTANTS = ("tokens_BT", "domain_BT")
 
 
 def layer_config(cfg: ModelConfig, entry: registry.Entry, options: dict, index: int):
@@ -38,14 +42,29 @@ def layer_config(cfg: ModelConfig, entry: registry.Entry, options: dict, index: 
     return entry.config_cls(**{**dims, **options})
 
 
+def scan_plan(cfg: ModelConfig) -> ScanPlan | None:
+    """Which layers `model.scan_layers` scans (None: off, or no run of layers repeats)."""
+    if not cfg.scan_layers:
+        return None
+    keys = []
+    for i, name in enumerate(cfg.mixer_names()):
+        mixer, ffn = registry.mixer(name), registry.ffn(cfg.ffn)
+        keys.append((
+            name,
+            layer_config(cfg, mixer, cfg.mixers.get(name, {}), i).scan_key(),
+            layer_config(cfg, ffn, cfg.ffns.get(cfg.ffn, {}), i).scan_key(),
+        ))  # fmt: skip
+    return plan_layers(keys)
+
+
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     """The block / final norm `model.norm` names: RMSNorm, or TNL's scale-free SRMSNorm."""
     cls = SRMSNorm if cfg.norm == "srms" else RMSNorm
     return cls(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
 
 
-def _uses_carry(mixer: nnx.Module) -> bool:
-    return bool(getattr(type(mixer), "uses_carry", False))
+def _declares(layer: nnx.Module, flag: str) -> bool:
+    return bool(getattr(type(layer), flag, False))
 
 
 class Block(nnx.Module):
@@ -62,11 +81,19 @@ class Block(nnx.Module):
         self.ffn_norm = _norm(cfg, rngs)
         self.ffn = ffn.cls(layer_config(cfg, ffn, cfg.ffns.get(cfg.ffn, {}), index), rngs=rngs)
 
-    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, carry=None):
+    def __call__(
+        self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, carry=None, layer=None
+    ):
+        """`layer`: this block's index in the stack, an int or (in a layer scan) an int32
+        scalar, for the mixers that declare `uses_layer` (their numbers depend on it)."""
         # `carry` is a dict threaded through the blocks of one forward pass; only mixers that
         # declare `uses_carry = True` (cross-layer KV sharing) see it, and they may read what an
         # earlier layer wrote and write for later ones. Other mixers keep their signature.
-        extra = {"carry": {} if carry is None else carry} if _uses_carry(self.mixer) else {}
+        extra = {}
+        if _declares(self.mixer, "uses_carry"):
+            extra["carry"] = {} if carry is None else carry
+        if _declares(self.mixer, "uses_layer"):
+            extra["layer"] = layer
         x_BTD = tag(x_BTD, LAYER_INPUT)
         h_BTD, cache = self.mixer(
             tag(self.mixer_norm(x_BTD), "mixer_in"),
@@ -79,8 +106,10 @@ class Block(nnx.Module):
         # Channel mixers that declare `uses_tokens` (hash-routed MoE) get the token ids and
         # their data domains.
         ffn_extra = {}
-        if getattr(type(self.ffn), "uses_tokens", False):
-            ffn_extra = {k: (carry or {}).get(k) for k in ("tokens_BT", "domain_BT")}
+        if _declares(self.ffn, "uses_tokens"):
+            ffn_extra = {k: (carry or {}).get(k) for k in CONSTANTS}
+        if _declares(self.ffn, "uses_layer"):
+            ffn_extra["layer"] = layer
         x_BTD = x_BTD + self.ffn(tag(self.ffn_norm(x_BTD), "ffn_in"), **ffn_extra).astype(
             x_BTD.dtype
         )
@@ -94,6 +123,11 @@ class Decoder(nnx.Module):
     `segment_ids` [B, T] keep packed documents from attending to each other; `domain` [B, T]
     (the batch's per-token data domain) goes to hash-routed MoE layers. With `cache`
     (from `init_cache`) the call also returns the updated cache: `(logits, cache)`.
+
+    With `model.scan_layers` the longest repeating run of layers is scanned
+    (`jaxllm.models.scan`): `blocks` holds the layers before it, `scan` its P stacked blocks,
+    `tail` the layers after it; the cache is the list of those blocks' caches in that order,
+    the scanned ones stacked [U, ...].
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -102,7 +136,19 @@ class Decoder(nnx.Module):
             rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std,
             dtype=cfg.param_dtype,
         )  # fmt: skip
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        # Every layer is built on its own, in order, so a scanned model draws the same
+        # initial values as the unrolled one.
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)]
+        self.plan = scan_plan(cfg)
+        if self.plan is None:
+            self.blocks = nnx.List(blocks)
+        else:
+            p = self.plan
+            self.blocks = nnx.List(blocks[: p.start])
+            self.scan = nnx.List(
+                [stack_modules(blocks[p.start + q : p.stop : p.period]) for q in range(p.period)]
+            )
+            self.tail = nnx.List(blocks[p.stop :])
         self.final_norm = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.head = param(
@@ -112,7 +158,14 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int | None = None) -> list[Any]:
         max_len = max_len or self.cfg.max_seq_len
-        return [blk.mixer.init_cache(batch, max_len) for blk in self.blocks]
+        caches = [blk.mixer.init_cache(batch, max_len) for blk in self.blocks]
+        if self.plan is not None:
+            units = self.plan.units
+            for blk in self.scan:
+                one = blk.mixer.init_cache(batch, max_len)
+                caches.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (units, *x.shape)), one))
+            caches += [blk.mixer.init_cache(batch, max_len) for blk in self.tail]
+        return caches
 
     def __call__(
         self,
@@ -124,46 +177,113 @@ class Decoder(nnx.Module):
         cache: list[Any] | None = None,
         remat: Callable[[Callable], Callable] | None = None,
     ):
-        """remat: wraps the per-block function ``f(block, x_BTD, carry) -> (x_BTD, carry)``
-        (e.g. in `nnx.remat` with a checkpoint policy; see jaxllm.training.remat); training
-        only (no cache)."""
+        """remat: wraps the function ``f(module, x_BTD, carry, ...) -> (x_BTD, carry, ...)`` of
+        each block (each scanned repeat), e.g. in `nnx.remat` with a checkpoint policy (see
+        jaxllm.training.remat); training only (no cache)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens_BT.shape
         if positions_BT is None:
-            start = 0 if cache is None else cache[0]["end"]
+            end = 0 if cache is None else cache[0]["end"]
+            # A scanned first block's counter is stacked over its repeats (all equal).
+            start = end if jnp.ndim(end) == 0 else end[0]
             positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         x_BTD = jnp.take(cast(self.embed, dt), tokens_BT, axis=0)
         if cfg.scale_embedding:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model**0.5, dt)
         x_BTD = constrain(x_BTD, _ACT)
-        new_cache = []
         carry: dict[str, Any] = {"tokens_BT": tokens_BT}
         if domain_BT is not None:
             carry["domain_BT"] = domain_BT
-        if remat is not None and cache is None:
-
-            def run(blk, x_BTD, carry):
-                carry = dict(carry)
-                x_BTD, _ = blk(x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
-                               carry=carry)  # fmt: skip
-                return x_BTD, carry
-
-            run = remat(run)
-            for blk in self.blocks:
-                x_BTD, carry = run(blk, x_BTD, carry)
-        else:
-            for i, blk in enumerate(self.blocks):
-                x_BTD, layer_cache = blk(
-                    x_BTD,
-                    positions_BT=positions_BT,
-                    segment_ids_BT=segment_ids_BT,
-                    cache=None if cache is None else cache[i],
-                    carry=carry,
-                )
-                new_cache.append(layer_cache)
+        if cache is not None:
+            remat = None
+        inputs = {"positions_BT": positions_BT, "segment_ids_BT": segment_ids_BT}
+        caches = [None] * len(cache or ())
+        n = len(self.blocks)
+        x_BTD = self._unrolled(self.blocks, 0, x_BTD, carry, cache, caches, inputs, remat)
+        if self.plan is not None:
+            p = self.plan
+            part = None if cache is None else cache[n : n + p.period]
+            x_BTD, caches[n : n + p.period] = self._scanned(x_BTD, carry, part, inputs, remat)
+            x_BTD = self._unrolled(
+                self.tail, p.stop, x_BTD, carry, cache, caches, inputs, remat, first=n + p.period
+            )
         x_BTD = self.final_norm(x_BTD)
         w_DV = cast(self.embed, dt).T if cfg.tie_embeddings else cast(self.head, dt)
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV, preferred_element_type=jnp.float32)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+        return logits_BTV if cache is None else (logits_BTV, caches)
+
+    def _unrolled(self, blocks, layer0, x_BTD, carry, cache, caches, inputs, remat, first=0):
+        """Run `blocks` (layers layer0, layer0 + 1, ...) one after the other; their caches are
+        cache[first + i], written back into `caches`."""
+        for i, blk in enumerate(blocks):
+            if remat is not None:
+
+                def run(blk, x_BTD, carry, layer=layer0 + i):
+                    carry = dict(carry)
+                    x_BTD, _ = blk(x_BTD, **inputs, carry=carry, layer=layer)
+                    return x_BTD, carry
+
+                x_BTD, new_carry = remat(run)(blk, x_BTD, carry)
+                carry.clear()
+                carry.update(new_carry)
+                continue
+            layer_cache = None if cache is None else cache[first + i]
+            x_BTD, layer_cache = blk(
+                x_BTD, **inputs, cache=layer_cache, carry=carry, layer=layer0 + i
+            )
+            if cache is not None:
+                caches[first + i] = layer_cache
+        return x_BTD
+
+    def _scanned(self, x_BTD, carry, cache, inputs, remat):
+        """Run the scanned layers as one `lax.scan` over their repeats (`jaxllm.models.scan`).
+
+        The scan carries x and the entries of `carry` that layers write (consumers of CLA's
+        shared K/V, HGRN2's running lower bound); an entry first written inside the scan
+        starts as zeros. Each step gets its repeat's parameters, its first layer's index, its
+        cache slices and delayed-FP8 state; what the layers sow (aux losses, metrics) comes
+        out stacked over the repeats.
+        """
+        p = self.plan
+        graphdef, params = nnx.split(self.scan)
+        consts = {k: carry[k] for k in CONSTANTS if k in carry}
+
+        def run(unit, x_BTD, written, layer, unit_cache):
+            c = {**consts, **written}
+            new_caches = []
+            for q, blk in enumerate(unit):
+                kv = None if unit_cache is None else unit_cache[q]
+                x_BTD, kv = blk(x_BTD, **inputs, cache=kv, carry=c, layer=layer + q)
+                new_caches.append(kv)
+            return x_BTD, {k: v for k, v in c.items() if k not in consts}, new_caches
+
+        def first_repeat(x_BTD, written, unit_cache):
+            unit = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], params))
+            return run(unit, x_BTD, written, jnp.int32(p.start), unit_cache)
+
+        # What one repeat writes into the carry: its shapes, traced in plain precision.
+        written = {k: v for k, v in carry.items() if k not in consts}
+        first_cache = None if cache is None else jax.tree.map(lambda a: a[0], cache)
+        with precision.use_precision(precision.PrecisionSpec()):
+            _, shapes, _ = jax.eval_shape(first_repeat, x_BTD, written, first_cache)
+        zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+        written = {**{k: jax.tree.map(zeros, v) for k, v in shapes.items()}, **written}
+
+        step = run if remat is None else remat(run)
+
+        def body(state, xs):
+            x_BTD, written = state
+            unit_params, layer, unit_cache, fp8_slice = xs
+            unit = nnx.merge(graphdef, unit_params)
+            with precision.scanned_unit(p.units, fp8_slice):
+                x_BTD, written, new_caches = step(unit, x_BTD, written, layer, unit_cache)
+            return (x_BTD, written), (new_caches, nnx.state(unit, nnx.Intermediate))
+
+        layers = p.start + p.period * jnp.arange(p.units, dtype=jnp.int32)
+        xs = (params, layers, cache, precision.scanned_state())
+        (x_BTD, written), (new_caches, sown) = jax.lax.scan(body, (x_BTD, written), xs)
+        carry.update(written)
+        nnx.update(self.scan, sown)
+        return x_BTD, new_caches

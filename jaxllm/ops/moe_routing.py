@@ -86,7 +86,7 @@ def hash_route(
     n_experts: int,
     n_domains: int,
     domain: int | jax.Array,
-    seed: int,
+    seed: int | jax.Array,
 ) -> Routing:
     """PanGu-Σ random routed experts (RRE): the experts are split into `n_domains` equal
     groups; a token goes to its domain's group (`domain`: one for all tokens, or per token
@@ -94,7 +94,8 @@ def hash_route(
     (`hash(token_id, seed) mod group size`), set before training and never learned. Top-1 with
     weight 1; no gate, no balance loss."""
     group = n_experts // n_domains
-    h_T = _mix32(tokens_T.astype(jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(seed))
+    seed = jnp.asarray(seed).astype(jnp.uint32)
+    h_T = _mix32(tokens_T.astype(jnp.uint32) * jnp.uint32(2654435761) + seed)
     domain_T = jnp.asarray(domain, jnp.int32)
     experts_T = domain_T * group + (h_T % jnp.uint32(group)).astype(jnp.int32)
     ones = jnp.ones((tokens_T.shape[0], 1), jnp.float32)

@@ -17,6 +17,7 @@ import optax
 
 from jaxllm.optim.came import came
 from jaxllm.optim.schedules import warmup_schedule
+from jaxllm.optim.stacked import per_layer
 
 # Per optimizer: peak lr, b2, weight decay. Sign-based updates have unit size per coordinate,
 # so Lion's paper advises an lr 3-10x below AdamW's and a weight decay 3-10x above it (the
@@ -102,9 +103,12 @@ def make_optimizer(
 
 
 def build_optimizer(
-    optim_cfg, total_steps: int
+    optim_cfg, total_steps: int, stacked: Any = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(transformation, learning-rate schedule) for `optim_cfg` (an `OptimConfig`)."""
+    """(transformation, learning-rate schedule) for `optim_cfg` (an `OptimConfig`).
+
+    stacked: a pytree of bools like the params marking the stacked [U, ...] parameters of a
+    scanned decoder, which the optimizer then updates per layer (`jaxllm.optim.stacked`)."""
     from jaxllm.optim.groups import grouped_optimizer
 
     c = optim_cfg
@@ -113,5 +117,7 @@ def build_optimizer(
         opt = grouped_optimizer(c, lr)
     else:
         opt = make_optimizer(c, lr)
+    if stacked is not None and any(jax.tree.leaves(stacked)):
+        opt = per_layer(opt, stacked)
     parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip else []
     return optax.chain(*parts, opt), lr

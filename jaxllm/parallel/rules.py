@@ -37,6 +37,8 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("norm", None),
     ("experts", "expert"),
+    # the stacked layers of a scanned decoder (jaxllm.models.scan): one slice per step
+    ("layers", None),
 )
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(

@@ -14,6 +14,8 @@ from jaxllm.precision.context import (
     project,
     project_ragged,
     record_delayed_keys,
+    scanned_state,
+    scanned_unit,
     use_precision,
 )
 from jaxllm.precision.exmy import (
@@ -53,6 +55,8 @@ __all__ = [
     "quantize_exmy_reference",
     "record_delayed_keys",
     "round_to_exmy",
+    "scanned_state",
+    "scanned_unit",
     "train_state_bytes_per_param",
     "update_delayed_state",
     "use_precision",

@@ -9,7 +9,10 @@ attention's own products do not go through `project` and stay in high precision.
 
 Delayed FP8 scaling needs state per projection. Projections are numbered in the order the
 forward pass calls them (``"007_q"``), so their state is a flat dict that `record_delayed_keys`
-discovers by tracing the forward once; the numbering restarts at every `use_precision`.
+discovers by tracing the forward once; the numbering restarts at every `use_precision`. The
+projections of a scanned run of layers (`jaxllm.models.scan`) are traced once for all its
+repeats: they are numbered apart (``"scan/003_q"``) and their entries are stacked [U, ...],
+one slice per repeat, handed to each scan step by `scanned_unit`.
 """
 
 from __future__ import annotations
@@ -64,8 +67,12 @@ class PrecisionSpec:
 class _Scope:
     spec: PrecisionSpec
     state: dict | None
-    recorded: dict | None
+    recorded: dict | None  # key → (repeats or None, shape of the weight's scale)
     counter: int = 0
+    prefix: str = ""
+
+
+SCAN_PREFIX = fp8_lib.SCAN_PREFIX
 
 
 _ACTIVE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -97,10 +104,42 @@ def record_delayed_keys(spec: PrecisionSpec, forward) -> dict:
         jax.eval_shape(forward)
     finally:
         _ACTIVE.reset(token)
-    return {
-        k: fp8_lib.init_delayed_entry(spec.amax_history_len, w_scales)
-        for k, w_scales in scope.recorded.items()
-    }
+    out = {}
+    for k, (repeats, w_scales) in scope.recorded.items():
+        entry = fp8_lib.init_delayed_entry(spec.amax_history_len, w_scales)
+        if repeats is not None:
+            entry = jax.tree.map(lambda x, n=repeats: jnp.broadcast_to(x, (n, *x.shape)), entry)
+        out[k] = entry
+    return out
+
+
+def scanned_state() -> dict | None:
+    """The delayed-FP8 entries of the active scope's scanned layers, stacked [U, ...] (the
+    `xs` a layer scan hands `scanned_unit` one slice at a time); None without such state."""
+    scope = _ACTIVE.get()
+    if scope is None or scope.state is None or scope.spec.fp8 != "delayed":
+        return None
+    return {k: v for k, v in scope.state.items() if k.startswith(SCAN_PREFIX)}
+
+
+@contextlib.contextmanager
+def scanned_unit(repeats: int, state_slice: dict | None) -> Iterator[None]:
+    """Trace one repeat of a scanned run of layers: its projections are numbered apart
+    (`SCAN_PREFIX`), read their delayed state from `state_slice` (this repeat's slice of
+    `scanned_state()`), and while recording they are recorded as stacked over `repeats`."""
+    parent = _ACTIVE.get()
+    if parent is None:
+        yield
+        return
+    state = state_slice if parent.state is not None else None
+    child = _Scope(parent.spec, state, None if parent.recorded is None else {}, prefix=SCAN_PREFIX)
+    token = _ACTIVE.set(child)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+    if parent.recorded is not None:
+        parent.recorded.update({k: (repeats, w) for k, (_, w) in child.recorded.items()})
 
 
 def active_spec() -> PrecisionSpec | None:
@@ -111,10 +150,10 @@ def active_spec() -> PrecisionSpec | None:
 
 def _delayed_key(scope: _Scope, name: str, w_scales: tuple[int, ...]) -> str:
     """Number this projection; while recording, note the shape of its weight scale."""
-    key = f"{scope.counter:03d}_{name}"
+    key = f"{scope.prefix}{scope.counter:03d}_{name}"
     scope.counter += 1
     if scope.recorded is not None:
-        scope.recorded[key] = w_scales
+        scope.recorded[key] = (None, w_scales)
     return key
 
 

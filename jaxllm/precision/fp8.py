@@ -39,6 +39,8 @@ IMPLS = ("xla", "pallas")  # precision.fp8_impl: XLA's dot_general or the Pallas
 # Delayed-scaling state of one projection: a history and a scale per GEMM input.
 DelayedEntry = dict[str, dict[str, jax.Array]]
 _ROLES = ("x", "w", "dy")
+# Keys of the delayed state of a scanned run of layers, whose entries are stacked [U, ...].
+SCAN_PREFIX = "scan/"
 
 
 def fp8_max(dtype) -> float:
@@ -198,6 +200,8 @@ def update_delayed_state(old: dict, recorded: dict, margin: int = 0) -> dict:
 
     old: the state the step ran with; recorded: the histories the step recorded (the "gradient"
     of the state; with micro-batches, their elementwise max — the amax of the whole batch).
+    Entries of scanned layers (keys starting with `SCAN_PREFIX`) are stacked [U, ...] and
+    updated per layer.
     """
 
     def one(old_entry, rec_entry):
@@ -212,7 +216,9 @@ def update_delayed_state(old: dict, recorded: dict, margin: int = 0) -> dict:
             }
         return out
 
-    return {k: one(old[k], recorded[k]) for k in old}
+    return {
+        k: (jax.vmap(one) if k.startswith(SCAN_PREFIX) else one)(old[k], recorded[k]) for k in old
+    }
 
 
 # ----------------------------------------------------------------------- blockwise

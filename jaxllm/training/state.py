@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import models
 from jaxllm.config import Config, ConfigError
+from jaxllm.models.scan import LAYERS_AXIS
 from jaxllm.optim import build_optimizer
 from jaxllm.optim import co2 as co2_lib
 from jaxllm.parallel.rules import sharding_for
@@ -83,7 +84,10 @@ class Trainer:
     @classmethod
     def create(cls, cfg: Config, mesh: Mesh) -> Trainer:
         model = Model.create(cfg)
-        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+        stacked = jax.tree.map(
+            lambda a: a[:1] == (LAYERS_AXIS,), model.axes, is_leaf=lambda x: isinstance(x, tuple)
+        )
+        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, stacked)
         if cfg.precision.fp8 != "none":
             # FP8-LM O1 / O2: FP8 gradients (and, O2, FP8 / 16-bit optimizer moments)
             tx = fp8_lm(tx, cfg.precision.fp8_level)
