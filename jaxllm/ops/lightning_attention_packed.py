@@ -15,10 +15,11 @@ row's first document (a decode prefix continues the same document).
   Documents are told apart by the count of resets so far (`run_BT`), never by raw ids, so
   rows like 1 1 2 2 0 0 (padding after the last document) are handled. Every decay factor is
   λ^j with j ≥ 0.
-- the Pallas TPU kernel with the same masks (`impl="pallas"`, `kernels_pallas.lightning_attention`
-  given `segment_ids`; interpret mode off TPU). `impl="auto"` takes it where the computation is
-  lowered for TPU (an ahead-of-time compile for TPU from a CPU host included) and the chunked
-  form elsewhere: the GPU kernel has no resets. The kernel treats log_decay as a constant.
+- the Pallas kernels with the same masks (`impl="pallas"`, `kernels_pallas.lightning_attention`
+  given `segment_ids`: Mosaic on TPU, Triton on GPU, interpret mode on the CPU). `impl="auto"`
+  takes the kernel where the computation is lowered for TPU (an ahead-of-time compile for TPU
+  from a CPU host included) or for CUDA (when the GPU kernel imports) and the chunked form
+  elsewhere. The kernel treats log_decay as a constant.
   On a mesh (under `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map` (XLA cannot
   partition a Mosaic call): batch rows split over the token axes, heads over `tensor`.
 """
@@ -178,8 +179,8 @@ def lightning_attention_packed(
       return_final_state: also return the state after the last token.
       chunk_size: tokens per chunk for impl="xla" (default 64); any T works. The kernel takes
         its block sizes from its per-chip table instead.
-      impl: "reference" (scan), "xla" (chunked), "pallas" (the kernel; interpreted off TPU) or
-        "auto" (the kernel when lowered for TPU, else "xla").
+      impl: "reference" (scan), "xla" (chunked), "pallas" (the kernel; interpreted on the CPU)
+        or "auto" (the kernel when lowered for TPU or CUDA, else "xla").
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
@@ -217,5 +218,6 @@ def lightning_attention_packed(
         o_BTHV, S_BHKV = pallas(*args)
     else:
         # platform_dependent lowers only the branch of the platform being compiled for.
-        o_BTHV, S_BHKV = lax.platform_dependent(*args, tpu=pallas, default=xla)
+        gpu = pallas if kernel.gpu_available() else xla
+        o_BTHV, S_BHKV = lax.platform_dependent(*args, tpu=pallas, cuda=gpu, default=xla)
     return (o_BTHV, S_BHKV) if return_final_state else o_BTHV
