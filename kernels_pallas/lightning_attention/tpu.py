@@ -68,6 +68,14 @@ def default_block_sizes(device_kind: str) -> tuple[int, int]:
     return BLOCK_SIZES.get(aliases.get(kind, kind), DEFAULT_BLOCK_SIZES)
 
 
+def _check(T, V, seq_len, block_t, block_v):
+    # The grid is T // block_t by V // block_v: a remainder would be left unwritten.
+    if T % block_t or V % block_v:
+        raise ValueError(f"block_t={block_t} and block_v={block_v} must divide T={T} and V={V}")
+    if not 0 < seq_len <= T:
+        raise ValueError(f"seq_len must be in (0, T={T}], got {seq_len}")
+
+
 def _chunk_for(block_t: int, chunk: int | None) -> int:
     if chunk is None:
         chunk = DEFAULT_BLOCK_SIZES[1]
@@ -120,9 +128,18 @@ def _g_spec():
     return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
+def _masks(run_BT, C, block_t):
+    """`documents.mask_inputs` with the row of runs cut into blocks, [B, T/block_t, 1, block_t]:
+    a (1, 1, block_t) block of a [B, 1, T] row is not a multiple of 128 lanes when block_t is
+    64, which Mosaic rejects; a block spanning the last two dims is always accepted."""
+    col, row, keep_in, keep_out = mask_inputs(run_BT, C)
+    B, _, T = row.shape
+    return col, row.reshape(B, T // block_t, 1, block_t), keep_in, keep_out
+
+
 def _mask_specs(block_t, block):
     col = pl.BlockSpec((1, block_t, 1), lambda b, h, e, n: (b, block(n), 0))
-    row = pl.BlockSpec((1, 1, block_t), lambda b, h, e, n: (b, 0, block(n)))
+    row = pl.BlockSpec((1, 1, 1, block_t), lambda b, h, e, n: (b, block(n), 0, 0))
     return [col, row, col, col]
 
 
@@ -135,7 +152,7 @@ def _chunk_masks(mask_refs, rows):
     """(same [C, C], keep_in [C, 1], keep_out [C, 1], keep_state [1, 1]) float32 for the
     chunk at `rows`: [run_j = run_i], [run_j = p], [run_i = l] and [l = p]."""
     col_ref, row_ref, in_ref, out_ref = mask_refs
-    same = (col_ref[0, rows, :] == row_ref[0, :, rows]).astype(jnp.float32)
+    same = (col_ref[0, rows, :] == row_ref[0, 0, :, rows]).astype(jnp.float32)
     keep_in = in_ref[0, rows, :]
     return same, keep_in, out_ref[0, rows, :], jnp.min(keep_in, axis=0, keepdims=True)
 
@@ -196,6 +213,7 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block
     """
     B, H, T, K = q_BHTK.shape
     V = v_BHTV.shape[-1]
+    _check(T, V, seq_len, block_t, block_v)
     C = _chunk_for(block_t, chunk)
     grid = (B, H, V // block_v, T // block_t)
     qk_spec = pl.BlockSpec((1, 1, block_t, K), lambda b, h, e, n: (b, h, n, 0))
@@ -205,7 +223,7 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block
     kernel = functools.partial(_fwd_kernel, seq_len=seq_len, block_t=block_t, C=C, packed=packed)
     inputs = (g_H.astype(jnp.float32), q_BHTK, k_BHTK, v_BHTV, s0_BHKV.astype(jnp.float32))
     in_specs = [_g_spec(), qk_spec, qk_spec, v_spec, s_spec]
-    masks = mask_inputs(run_BT, C) if packed else ()
+    masks = _masks(run_BT, C, block_t) if packed else ()
     if packed:
         in_specs += _mask_specs(block_t, lambda n: n)
     return pl.pallas_call(
@@ -299,11 +317,12 @@ def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block
     float32. Arguments otherwise as `forward`."""
     B, H, T, K = q.shape
     V = v.shape[-1]
+    _check(T, V, seq_len, block_t, block_v)
     C = _chunk_for(block_t, chunk)
     NV, NB = V // block_v, T // block_t
     grid = (B, H, NV, NB)
     packed = run_BT is not None
-    masks = mask_inputs(run_BT, C) if packed else ()
+    masks = _masks(run_BT, C, block_t) if packed else ()
     # Partial dq/dk per V tile: float32 unless there is only one tile.
     part_dtype = q.dtype if NV == 1 else jnp.float32
     inputs = (g_H.astype(jnp.float32), q, k, v, do_BHTV, s0, dsT_BHKV)

@@ -73,6 +73,25 @@ def test_kernel_compiles_at_the_tables_block_sizes(topology, packed):
     assert hlo.count(MOSAIC) == 3
 
 
+def test_packed_kernel_compiles_with_64_token_blocks():
+    """block_t = 64 with resets, over several blocks: the row of runs is blocked as
+    [B, T/64, 1, 64], since Mosaic rejects a (1, 1, 64) block of a [B, 1, T] row (64 lanes)."""
+    B, T, H, K = 2, 300, 2, 64
+
+    def loss(q, g, s0, seg):
+        o, sT = lightning_attention(q, q, q, g, initial_state=s0, return_final_state=True,
+                                    segment_ids=seg, block_t=64)  # fmt: skip
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(sT**2)
+
+    args = (jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16),
+            jax.ShapeDtypeStruct((H,), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, K, K), jnp.float32),
+            jax.ShapeDtypeStruct((B, T), jnp.int32))  # fmt: skip
+    grad = jax.jit(jax.grad(loss, argnums=(0, 2)))
+    hlo = grad.trace(*_abstract(args, _device("v5e:2x2"))).lower().compile().as_text()
+    assert hlo.count(MOSAIC) == 3
+
+
 def test_tnl_train_step_uses_the_packed_kernel():
     """A TNL preset's real train step (its batches carry segment_ids: packed documents),
     compiled for a v5e:2x2 data-parallel mesh: every lightning layer lowers to the Mosaic

@@ -183,6 +183,21 @@ def test_bad_arguments():
         kernel_attention(q, k, v, initial_state=jnp.zeros((1, 2, 64, 32)))
 
 
+def test_blocks_must_divide_the_arrays():
+    """A block_v that does not divide V (here 192, K and V padded to multiples of 64) used to
+    leave the last columns of o unwritten (NaN in interpret mode, garbage on a chip)."""
+    q, k, v, *_ = _inputs(1, 64, 2, 64, 192, jnp.float32)
+    with pytest.raises(ValueError, match="must divide"):
+        kernel_attention(q, k, v, block_t=64, block_v=128)
+    x = jnp.zeros((1, 2, 96, 128), jnp.float32)
+    s = jnp.zeros((1, 2, 128, 128), jnp.float32)
+    g = jnp.zeros((2,), jnp.float32)
+    with pytest.raises(ValueError, match="must divide"):
+        tpu.forward(x, x, x, g, s, seq_len=96, block_t=64, block_v=128, interpret=True)
+    with pytest.raises(ValueError, match="seq_len"):
+        tpu.backward(x, x, x, g, s, x, s, seq_len=97, block_t=32, block_v=128, interpret=True)
+
+
 # Packed documents (segment_ids): the kernel's resets against
 # `lightning_attention_packed_reference`, the token-by-token recurrence.
 
