@@ -19,22 +19,19 @@ row's first document (a decode prefix continues the same document).
   given `segment_ids`: Mosaic on TPU, Triton on GPU, interpret mode on the CPU). `impl="auto"`
   takes the kernel where the computation is lowered for TPU (an ahead-of-time compile for TPU
   from a CPU host included) or for CUDA (when the GPU kernel imports) and the chunked form
-  elsewhere. The kernel treats log_decay as a constant.
-  On a mesh (under `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map` (XLA cannot
-  partition a Mosaic call): batch rows split over the token axes, heads over `tensor`.
+  elsewhere. The kernel treats log_decay as a constant. On a mesh (under
+  `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map`, as the unpacked op's kernel
+  (`jaxllm.ops.lightning_attention.kernel_per_device`).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.ops.lightning_attention import kernel_per_device
 
 IMPLS = ("reference", "xla", "pallas", "auto")
-TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -133,30 +130,6 @@ def _chunked(q, k, v, g_H, run_BT, S0_BHKV, C):
     return o_BNCHV.reshape(B, N * C, H, V)[:, :T], S_BHKV
 
 
-def _axes(mesh, names, dim):
-    """The mesh axes among `names` that split a dimension of size dim evenly (None: none)."""
-    kept, size = [], 1
-    for name in names:
-        n = mesh.shape.get(name, 1)
-        if n > 1 and dim % (size * n) == 0:
-            kept.append(name)
-            size *= n
-    return tuple(kept) or None
-
-
-def _per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids):
-    """fn(q, k, v, g_H, S0, segment_ids) → (o, S), a Pallas call, once per device when a mesh
-    is active and no `shard_map` has made its axes manual yet (rows and heads independent)."""
-    mesh = active_mesh()
-    args = (q, k, v, g_H, S0_BHKV, segment_ids)
-    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
-        return fn(*args)
-    b, h = _axes(mesh, TOKEN_AXES, q.shape[0]), _axes(mesh, ("tensor",), q.shape[2])
-    x, s = P(b, None, h, None), P(b, h, None, None)
-    specs = (x, x, x, P(h), s, P(b, None))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(x, s), check_vma=False)(*args)
-
-
 def lightning_attention_packed(
     q,
     k,
@@ -208,7 +181,7 @@ def lightning_attention_packed(
                 segment_ids=segment_ids,
             )  # fmt: skip
 
-        return _per_device(run, *args)
+        return kernel_per_device(run, *args)
 
     args = (q, k, v, _log_decay_H(log_decay, H), _state(initial_state, B, H, K, v.shape[-1]),
             segment_ids)  # fmt: skip
