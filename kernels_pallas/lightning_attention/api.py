@@ -105,6 +105,9 @@ def _run_gpu(cfg, interpret, fn, *args):
     if gpu is None:
         return _run_tpu(cfg, True if interpret is False else interpret, fn, *args)
     bt, block_v = _gpu_sizes(cfg, gpu)
+    # `pltpu.InterpretParams` configure the TPU interpreter, which cannot run a Triton kernel
+    # (it fails on an assertion); the GPU kernel takes the generic interpreter instead.
+    interpret = interpret if isinstance(interpret, bool) else True
     return _call(getattr(gpu, fn), args, bt, block_v, cfg.seq_len, interpret)
 
 
@@ -187,7 +190,8 @@ def lightning_attention(
         backend's table for the local chip; K, V are padded to multiples of 64 first).
       backend: None (by the platform the computation is lowered for), "tpu" or "gpu".
       interpret: None (interpret mode only where no kernel applies, e.g. on the CPU), or True
-        / a `pltpu.InterpretParams` to interpret the chosen kernel (TPU's unless backend="gpu").
+        / a `pltpu.InterpretParams` to interpret the chosen kernel (TPU's unless backend="gpu";
+        the GPU kernel takes any of them as True).
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).

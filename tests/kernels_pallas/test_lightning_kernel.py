@@ -134,6 +134,13 @@ def test_no_races_or_uninitialized_reads():
     assert not interpret_pallas_call.races.races_found
 
 
+def test_gpu_backend_takes_tpu_interpret_params():
+    """backend="gpu" with a `pltpu.InterpretParams` (the TPU interpreter's, which failed on an
+    assertion when handed the Triton kernel) interprets the GPU kernel."""
+    assert gpu_available()
+    _check(1, 40, 2, 64, 64, "tnl", jnp.float32, backend="gpu", interpret=pltpu.InterpretParams())
+
+
 def test_block_size_table():
     assert tpu.default_block_sizes("TPU v5 lite") == tpu.BLOCK_SIZES["v5e"]
     assert tpu.default_block_sizes("TPU v6 lite") == tpu.BLOCK_SIZES["v6e"]
