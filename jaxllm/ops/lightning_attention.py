@@ -18,6 +18,9 @@ Three ways to compute it, equal in exact arithmetic:
   the computation is lowered for TPU (or for CUDA when the GPU kernel imports) and the XLA form
   otherwise; the choice follows the lowering platform, so an ahead-of-time compile for TPU
   from a CPU host gets the kernel. The kernel treats log_decay as a constant (no gradient).
+  On a mesh (under `jaxllm.parallel.rules.use_rules`) the kernel runs inside a `shard_map`
+  (`kernel_per_device`: XLA cannot partition a Mosaic or Triton call), batch rows split over
+  the token axes and heads over `tensor`; `lightning_attention_packed` shares it.
 
 Every decay factor is λ^j with j ≥ 0, computed as exp(j·log λ); nothing is ever factored as
 k·λ^{−j}, which overflows for strong decay. The official TNL slopes give λ_h = exp(−s_h);
@@ -28,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
+from jaxllm.parallel.rules import active_mesh
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 # Measured fwd+bwd on an H100 (B2 H16 K=V=128, bf16 in, T 8K/32K): C=128 is 1.3x faster than
@@ -38,6 +43,7 @@ IMPLS = ("reference", "xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 128
 # Tokens per step of the scan over segments (rounded down to a multiple of the chunk size).
 SEGMENT_TOKENS = 2048
+TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 
 
 def _log_decay_H(log_decay, H):
@@ -210,6 +216,35 @@ def _chunked(q, k, v, g_H, S0_BHKV, C):
     return o_BTHV[:, :T], S_BHKV
 
 
+def _axes(mesh, names, dim):
+    """The mesh axes among `names` that split a dimension of size dim evenly (None: none)."""
+    kept, size = [], 1
+    for name in names:
+        n = mesh.shape.get(name, 1)
+        if n > 1 and dim % (size * n) == 0:
+            kept.append(name)
+            size *= n
+    return tuple(kept) or None
+
+
+def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
+    """fn(q, k, v, g_H, S0[, segment_ids]) → (o, S), a Pallas call, once per device.
+
+    XLA cannot partition a Mosaic (or Triton) custom call, so when a mesh is active (under
+    `use_rules`) and no `shard_map` has made its axes manual yet, fn runs inside one: batch rows
+    split over the token axes, heads over `tensor` (rows and heads are independent; each split
+    only where it divides the dim). Otherwise fn is called as it is.
+    """
+    mesh = active_mesh()
+    args = (q, k, v, g_H, S0_BHKV) + (() if segment_ids is None else (segment_ids,))
+    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+        return fn(*args)
+    b, h = _axes(mesh, TOKEN_AXES, q.shape[0]), _axes(mesh, ("tensor",), q.shape[2])
+    x, s = P(b, None, h, None), P(b, h, None, None)
+    specs = (x, x, x, P(h), s, P(b, None))[: len(args)]
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(x, s), check_vma=False)(*args)
+
+
 def lightning_attention(
     q,
     k,
@@ -264,10 +299,13 @@ def lightning_attention(
         o_BTHV, state_BHKV = _chunked(q, k, v, g_H, S0_BHKV, C)
         return o_BTHV.astype(q.dtype), state_BHKV
 
-    def pallas(q, k, v, g_H, S0_BHKV):
-        return kernel.lightning_attention(
-            q, k, v, g_H, initial_state=S0_BHKV, return_final_state=True
-        )
+    def pallas(*args):
+        def run(q, k, v, g_H, S0_BHKV):
+            return kernel.lightning_attention(
+                q, k, v, g_H, initial_state=S0_BHKV, return_final_state=True
+            )
+
+        return kernel_per_device(run, *args)
 
     args = (q, k, v, g_H, _state_BHKV(initial_state, B, H, K, V))
     if impl == "xla":

@@ -15,25 +15,23 @@ row's first document (a decode prefix continues the same document).
   Documents are told apart by the count of resets so far (`run_BT`), never by raw ids, so
   rows like 1 1 2 2 0 0 (padding after the last document) are handled. Every decay factor is
   λ^j with j ≥ 0.
-- the Pallas TPU kernel with the same masks (`impl="pallas"`, `kernels_pallas.lightning_attention`
-  given `segment_ids`; interpret mode off TPU). `impl="auto"` takes it where the computation is
-  lowered for TPU (an ahead-of-time compile for TPU from a CPU host included) and the chunked
-  form elsewhere: the GPU kernel has no resets. The kernel treats log_decay as a constant.
-  On a mesh (under `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map` (XLA cannot
-  partition a Mosaic call): batch rows split over the token axes, heads over `tensor`.
+- the Pallas kernels with the same masks (`impl="pallas"`, `kernels_pallas.lightning_attention`
+  given `segment_ids`: Mosaic on TPU, Triton on GPU, interpret mode on the CPU). `impl="auto"`
+  takes the kernel where the computation is lowered for TPU (an ahead-of-time compile for TPU
+  from a CPU host included) or for CUDA (when the GPU kernel imports) and the chunked form
+  elsewhere. The kernel treats log_decay as a constant. On a mesh (under
+  `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map`, as the unpacked op's kernel
+  (`jaxllm.ops.lightning_attention.kernel_per_device`).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.ops.lightning_attention import kernel_per_device
 
 IMPLS = ("reference", "xla", "pallas", "auto")
-TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -132,30 +130,6 @@ def _chunked(q, k, v, g_H, run_BT, S0_BHKV, C):
     return o_BNCHV.reshape(B, N * C, H, V)[:, :T], S_BHKV
 
 
-def _axes(mesh, names, dim):
-    """The mesh axes among `names` that split a dimension of size dim evenly (None: none)."""
-    kept, size = [], 1
-    for name in names:
-        n = mesh.shape.get(name, 1)
-        if n > 1 and dim % (size * n) == 0:
-            kept.append(name)
-            size *= n
-    return tuple(kept) or None
-
-
-def _per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids):
-    """fn(q, k, v, g_H, S0, segment_ids) → (o, S), a Pallas call, once per device when a mesh
-    is active and no `shard_map` has made its axes manual yet (rows and heads independent)."""
-    mesh = active_mesh()
-    args = (q, k, v, g_H, S0_BHKV, segment_ids)
-    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
-        return fn(*args)
-    b, h = _axes(mesh, TOKEN_AXES, q.shape[0]), _axes(mesh, ("tensor",), q.shape[2])
-    x, s = P(b, None, h, None), P(b, h, None, None)
-    specs = (x, x, x, P(h), s, P(b, None))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(x, s), check_vma=False)(*args)
-
-
 def lightning_attention_packed(
     q,
     k,
@@ -178,8 +152,8 @@ def lightning_attention_packed(
       return_final_state: also return the state after the last token.
       chunk_size: tokens per chunk for impl="xla" (default 64); any T works. The kernel takes
         its block sizes from its per-chip table instead.
-      impl: "reference" (scan), "xla" (chunked), "pallas" (the kernel; interpreted off TPU) or
-        "auto" (the kernel when lowered for TPU, else "xla").
+      impl: "reference" (scan), "xla" (chunked), "pallas" (the kernel; interpreted on the CPU)
+        or "auto" (the kernel when lowered for TPU or CUDA, else "xla").
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
@@ -207,7 +181,7 @@ def lightning_attention_packed(
                 segment_ids=segment_ids,
             )  # fmt: skip
 
-        return _per_device(run, *args)
+        return kernel_per_device(run, *args)
 
     args = (q, k, v, _log_decay_H(log_decay, H), _state(initial_state, B, H, K, v.shape[-1]),
             segment_ids)  # fmt: skip
@@ -217,5 +191,6 @@ def lightning_attention_packed(
         o_BTHV, S_BHKV = pallas(*args)
     else:
         # platform_dependent lowers only the branch of the platform being compiled for.
-        o_BTHV, S_BHKV = lax.platform_dependent(*args, tpu=pallas, default=xla)
+        gpu = pallas if kernel.gpu_available() else xla
+        o_BTHV, S_BHKV = lax.platform_dependent(*args, tpu=pallas, cuda=gpu, default=xla)
     return (o_BTHV, S_BHKV) if return_final_state else o_BTHV

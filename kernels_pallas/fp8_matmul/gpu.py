@@ -13,8 +13,18 @@ fine-grained scales) and its float32 result is scaled and added to the accumulat
 the MMA, so partial sums are promoted to float32 at least every 128 elements — DeepSeek-V3's
 fix for Hopper's ~14-bit FP8 accumulator (Triton's default FP8 dot also promotes).
 
-Mixed formats (E5M2 × E4M3): Triton's dot takes one element type, so both tiles are upcast
-to bfloat16 (exact for every FP8 value) and run as a bfloat16 dot — correct, at the bf16 rate.
+Mixed formats (E5M2 × E4M3, the backward's dY·W and dYᵀ·X): both tiles are upcast to
+bfloat16 (exact for every FP8 value) and run as a bfloat16 dot — correct, at the bf16 rate.
+An FP8 dot of the two formats does not lower in jax 0.10.2 (checked on the CPU by lowering a
+Pallas kernel with lowering_platforms=("cuda",);
+tests/kernels_pallas/test_fp8_matmul.py::test_triton_lowering_rejects_mixed_fp8_dot):
+- `jnp.dot(e5m2_tile, e4m3_tile, preferred_element_type=jnp.float32)` raises, from the dot rule
+  of Pallas's Triton lowering (jax/_src/pallas/triton/lowering.py, `_dot_general_lowering`):
+  `ValueError: a and b must have the same element type, but got: f8E5M2 and f8E4M3FN`;
+- `precision=lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32` (or `..._FAST_ACCUM`), mixed or not,
+  raises `NotImplementedError: Unsupported dot algorithm: ANY_F8_ANY_F8_F32.`
+Casting one operand to the other's format instead would round (E4M3 has one more mantissa bit,
+E5M2 a wider range), so bfloat16 it is until the lowering accepts the pair.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ with jit, vmap and grad like any `cond`):
 - anything else (CPU): the TPU kernel in Pallas interpret mode.
 
 With `segment_ids` (packed documents) the state is reset at each document start, as
-`jaxllm.ops.lightning_attention_packed`; only the TPU kernel has the resets, so a CUDA lowering
-runs it in interpret mode too (callers should take an XLA path there).
+`jaxllm.ops.lightning_attention_packed`; both kernels take the resets (`documents.py`).
 """
 
 import dataclasses
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas.lightning_attention import tpu
+from kernels_pallas.lightning_attention.documents import document_runs
 
 BACKENDS = (None, "tpu", "gpu")
 # K and V are zero-padded to a multiple of this (exact: zero columns of q, k and v and zero
@@ -59,14 +59,6 @@ class _Config:
     block_v: int | None
     backend: str | None
     interpret: Any
-
-
-def document_runs(segment_ids_BT):
-    """[B, T] ids → [B, T] int32: how many document starts precede each token (0 at t = 0);
-    `jaxllm.ops.lightning_attention_packed.document_runs`, which kernels may not import."""
-    change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
-    zeros_B1 = jnp.zeros((segment_ids_BT.shape[0], 1), jnp.int32)
-    return jnp.concatenate([zeros_B1, jnp.cumsum(change_BT, axis=1, dtype=jnp.int32)], axis=1)
 
 
 def _device_kind() -> str:
@@ -110,9 +102,12 @@ def _run_tpu(cfg, interpret, fn, *args):
 
 def _run_gpu(cfg, interpret, fn, *args):
     gpu = _gpu_module()
-    if gpu is None or args[5] is not None:  # gpu.py has no document resets
+    if gpu is None:
         return _run_tpu(cfg, True if interpret is False else interpret, fn, *args)
     bt, block_v = _gpu_sizes(cfg, gpu)
+    # `pltpu.InterpretParams` configure the TPU interpreter, which cannot run a Triton kernel
+    # (it fails on an assertion); the GPU kernel takes the generic interpreter instead.
+    interpret = interpret if isinstance(interpret, bool) else True
     return _call(getattr(gpu, fn), args, bt, block_v, cfg.seq_len, interpret)
 
 
@@ -195,7 +190,8 @@ def lightning_attention(
         backend's table for the local chip; K, V are padded to multiples of 64 first).
       backend: None (by the platform the computation is lowered for), "tpu" or "gpu".
       interpret: None (interpret mode only where no kernel applies, e.g. on the CPU), or True
-        / a `pltpu.InterpretParams` to interpret the chosen kernel (TPU's unless backend="gpu").
+        / a `pltpu.InterpretParams` to interpret the chosen kernel (TPU's unless backend="gpu";
+        the GPU kernel takes any of them as True).
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
@@ -220,8 +216,6 @@ def lightning_attention(
     if segment_ids is not None:
         if segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
-        if backend == "gpu":
-            raise ValueError("the GPU kernel has no document resets: segment_ids needs the TPU's")
         run = document_runs(segment_ids)
     s0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
     Kp, Vp = _round_up(K, HEAD_DIM_MULTIPLE), _round_up(V, HEAD_DIM_MULTIPLE)

@@ -29,6 +29,12 @@ this kernel's shape of code as the official kernels have it (pointer loads, a `f
 the state in registers, small `dot`s) on any sm80+ GPU, runs in interpret mode on the CPU and
 lowers to Triton IR without a GPU. Passing `triton.CompilerParams` selects it explicitly.
 
+Packed documents (optional `run_BT`, [B, T] int32: how many document starts precede each
+token; padded tokens repeat the last run) reset the state at each document start: each block's
+D, q decays, key decays and state decay are multiplied by the masks of `documents.py` (the
+block is the chunk), the same in the forward and both backward sweeps, as the TPU kernel does.
+Without `run_BT` none of this is traced.
+
 Triton wants power-of-two tile shapes: block_t and block_v must be powers of two (≥ 16, the
 smallest MMA tile) and K is zero-padded to the next power of two here (exact: zero columns of
 q and k and zero rows of the state contribute nothing).
@@ -42,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.lightning_attention.documents import mask_inputs
 from kernels_pallas.vma import out_shape
 
 # (block_t, block_v) by device_kind substring, first match wins. Untuned (no GPU was at hand
@@ -95,71 +102,100 @@ def _decays(g, C):
     return diag_CC, q_decay_C1
 
 
-def _block_decays(g, n, C, seq_len):
-    """λ^{L_n} and the key decays λ^{L_n−1−i} [C, 1] of block n with L_n real tokens (padded keys
-    are zero, so clamping their negative exponents to 0 changes nothing)."""
+def _block_decays(g, n, C, seq_len, decays, mask_refs):
+    """(D [C, C], λ^{j+1} [C, 1], key decays λ^{L_n−1−i} [C, 1], λ^{L_n}) of block n with L_n
+    real tokens, masked by its documents when packed (mask_refs: the column of runs, the row of
+    runs, [run = p] and [run = l], all [T, ·]). decays: `_decays(g, C)`. Padded keys are zero,
+    so clamping their negative exponents to 0 changes nothing."""
+    diag_CC, q_decay_C1 = decays
     L = jnp.clip(seq_len - n * C, 0, C)
     i = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
     k_decay_C1 = jnp.exp(g * jnp.maximum(L - 1 - i, 0).astype(jnp.float32))
-    return jnp.exp(g * L.astype(jnp.float32)), k_decay_C1
+    block_decay = jnp.exp(g * L.astype(jnp.float32))
+    if mask_refs is None:
+        return diag_CC, q_decay_C1, k_decay_C1, block_decay
+    col_ref, row_ref, in_ref, out_ref = mask_refs
+    t = pl.ds(pl.multiple_of(n * C, C), C)
+    same_CC = (col_ref[t, :] == row_ref[:, t]).astype(jnp.float32)
+    keep_in_C1 = in_ref[t, :]
+    # [l = p]: the block's state survives only when no document starts inside it.
+    keep_state = jnp.min(keep_in_C1)
+    return (
+        diag_CC * same_CC,
+        q_decay_C1 * keep_in_C1,
+        k_decay_C1 * out_ref[t, :],
+        block_decay * keep_state,
+    )
 
 
-def _fwd_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sT_ref, *, seq_len, block_t):
+def _split(refs, packed):
+    """A kernel's refs after its fixed inputs → (the four mask refs or None, the outputs)."""
+    return (refs[:4], refs[4:]) if packed else (None, refs)
+
+
+def _fwd_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, *refs, seq_len, block_t, packed):
     """One (batch·head, V tile): q, k [T, K], v, o [T, Bv], s0, sT [K, Bv]."""
+    mask_refs, (o_ref, sT_ref) = _split(refs, packed)
     C = block_t
     g = g_ref[...]
-    diag_CC, q_decay_C1 = _decays(g, C)
+    decays = _decays(g, C)
 
     def body(n, S_KV):
         t = pl.ds(pl.multiple_of(n * C, C), C)
         q_CK, k_CK, v_CV = q_ref[t, :], k_ref[t, :], v_ref[t, :]
-        scores_CC = _dot(q_CK, k_CK, (1, 1)) * diag_CC
+        D_CC, q_decay_C1, k_decay_C1, block_decay = _block_decays(
+            g, n, C, seq_len, decays, mask_refs
+        )
+        scores_CC = _dot(q_CK, k_CK, (1, 1)) * D_CC
         o_CV = _dot(scores_CC.astype(v_CV.dtype), v_CV)
         o_CV += _dot(q_CK, S_KV.astype(q_CK.dtype)) * q_decay_C1
         o_ref[t, :] = o_CV.astype(o_ref.dtype)
-        block_decay, k_decay_C1 = _block_decays(g, n, C, seq_len)
         kd_CK = (k_CK * k_decay_C1).astype(k_CK.dtype)
         return block_decay * S_KV + _dot(kd_CK, v_CV, (0, 0))
 
     sT_ref[...] = lax.fori_loop(0, q_ref.shape[0] // C, body, s0_ref[...])
 
 
-def _bwd_dq_kernel(g_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, seq_len, block_t):
+def _bwd_dq_kernel(g_ref, k_ref, v_ref, do_ref, s0_ref, *refs, seq_len, block_t, packed):
     """Forward sweep rebuilding S_n: dq [T, K] (this V tile's share) from k, v, dO, s0."""
+    mask_refs, (dq_ref,) = _split(refs, packed)
     C = block_t
     g = g_ref[...]
-    diag_CC, q_decay_C1 = _decays(g, C)
+    decays = _decays(g, C)
 
     def body(n, S_KV):
         t = pl.ds(pl.multiple_of(n * C, C), C)
         k_CK, v_CV, do_CV = k_ref[t, :], v_ref[t, :], do_ref[t, :]
-        dov_CC = _dot(do_CV, v_CV, (1, 1)) * diag_CC
+        D_CC, q_decay_C1, k_decay_C1, block_decay = _block_decays(
+            g, n, C, seq_len, decays, mask_refs
+        )
+        dov_CC = _dot(do_CV, v_CV, (1, 1)) * D_CC
         dq_CK = _dot(dov_CC.astype(k_CK.dtype), k_CK)
         dq_CK += _dot(do_CV, S_KV.astype(do_CV.dtype), (1, 1)) * q_decay_C1
         dq_ref[t, :] = dq_CK.astype(dq_ref.dtype)
-        block_decay, k_decay_C1 = _block_decays(g, n, C, seq_len)
         kd_CK = (k_CK * k_decay_C1).astype(k_CK.dtype)
         return block_decay * S_KV + _dot(kd_CK, v_CV, (0, 0))
 
     lax.fori_loop(0, k_ref.shape[0] // C, body, s0_ref[...])
 
 
-def _bwd_dkdv_kernel(
-    g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, dk_ref, dv_ref, ds0_ref, *, seq_len, block_t
-):
+def _bwd_dkdv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, block_t, packed):
     """Reverse sweep carrying G_n: dk [T, K] (this V tile's share), dv [T, Bv], ds0 [K, Bv]."""
+    mask_refs, (dk_ref, dv_ref, ds0_ref) = _split(refs, packed)
     C = block_t
     g = g_ref[...]
-    diag_CC, q_decay_C1 = _decays(g, C)
+    decays = _decays(g, C)
     num_blocks = q_ref.shape[0] // C
 
     def body(step, G_KV):
         n = num_blocks - 1 - step
         t = pl.ds(pl.multiple_of(n * C, C), C)
         q_CK, k_CK, v_CV, do_CV = q_ref[t, :], k_ref[t, :], v_ref[t, :], do_ref[t, :]
-        block_decay, k_decay_C1 = _block_decays(g, n, C, seq_len)
-        scores_CC = _dot(q_CK, k_CK, (1, 1)) * diag_CC
-        dov_CC = _dot(do_CV, v_CV, (1, 1)) * diag_CC
+        D_CC, q_decay_C1, k_decay_C1, block_decay = _block_decays(
+            g, n, C, seq_len, decays, mask_refs
+        )
+        scores_CC = _dot(q_CK, k_CK, (1, 1)) * D_CC
+        dov_CC = _dot(do_CV, v_CV, (1, 1)) * D_CC
         dv_CV = _dot(scores_CC.astype(do_CV.dtype), do_CV, (0, 0))
         dv_CV += _dot(k_CK, G_KV.astype(k_CK.dtype)) * k_decay_C1
         dk_CK = _dot(dov_CC.astype(q_CK.dtype), q_CK, (0, 0))
@@ -172,8 +208,10 @@ def _bwd_dkdv_kernel(
     ds0_ref[...] = lax.fori_loop(0, num_blocks, body, dsT_ref[...])
 
 
-def _check(q, v, seq_len, block_t, block_v):
-    T, V = q.shape[2], v.shape[3]
+def _check(q, v, run_BT, seq_len, block_t, block_v):
+    B, T, V = q.shape[0], q.shape[2], v.shape[3]
+    if run_BT is not None and run_BT.shape != (B, T):
+        raise ValueError(f"run_BT must be [B, T] = {(B, T)}, got {run_BT.shape}")
     for name, size in (("block_t", block_t), ("block_v", block_v)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name} must be a power of two ≥ 16 for Triton, got {size}")
@@ -204,6 +242,18 @@ def _specs(T, K, block_v, H):
     )
 
 
+def _masks(run_BT, block_t, H):
+    """The packed path's extra inputs (`documents.mask_inputs` for blocks of block_t tokens)
+    and their BlockSpecs (a program reads its batch row's whole [T, 1] / [1, T] masks), or two
+    empty lists without documents."""
+    if run_BT is None:
+        return [], []
+    T = run_BT.shape[1]
+    col = pl.BlockSpec((None, T, 1), lambda bh, iv: (bh // H, 0, 0))
+    row = pl.BlockSpec((None, 1, T), lambda bh, iv: (bh // H, 0, 0))
+    return list(mask_inputs(run_BT, block_t)), [col, row, col, col]
+
+
 def _pad_axis(x, axis, size):
     """Zero-pad one axis of x up to size."""
     pad = [(0, 0)] * x.ndim
@@ -218,7 +268,8 @@ def _sum_partials(x_NBHTK, B, H, K, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "interpret"))
-def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, seq_len, block_t, block_v, interpret=False):
+def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block_t, block_v,
+            interpret=False):  # fmt: skip
     """Lightning attention forward.
 
     Args:
@@ -226,6 +277,8 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, seq_len, block_t, block_v, 
         three: they meet in the same MMAs. T a multiple of block_t, V of block_v; tokens from
         seq_len on are zero padding.
       g_H: [H] float32 log decay (≤ 0).  s0_BHKV: [B, H, K, V] float32 initial state.
+      run_BT: None, or [B, T] int32 document runs of packed rows (nondecreasing; the padding
+        repeats the last run): the state is reset at each document start.
       seq_len: the number of real tokens (static); the state does not decay over the padding.
       block_t, block_v: tokens per block and V columns per program, powers of two ≥ 16.
       interpret: run in Pallas interpret mode (CPU).
@@ -233,17 +286,21 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, seq_len, block_t, block_v, 
     Returns:
       (o [B, H, T, V] in q's dtype, final state [B, H, K, V] float32).
     """
-    _check(q_BHTK, v_BHTV, seq_len, block_t, block_v)
+    _check(q_BHTK, v_BHTV, run_BT, seq_len, block_t, block_v)
     B, H, T, K = q_BHTK.shape
     V = v_BHTV.shape[3]
     Kp = _next_pow2(K)
     q, k = (_flat(_pad_axis(x, 3, Kp)) for x in (q_BHTK, k_BHTK))
     s0 = _flat(_pad_axis(s0_BHKV.astype(jnp.float32), 2, Kp))
     spec = _specs(T, Kp, block_v, H)
+    masks, mask_specs = _masks(run_BT, block_t, H)
+    kernel = functools.partial(
+        _fwd_kernel, seq_len=seq_len, block_t=block_t, packed=run_BT is not None
+    )
     o, sT = pl.pallas_call(
-        functools.partial(_fwd_kernel, seq_len=seq_len, block_t=block_t),
+        kernel,
         grid=(B * H, V // block_v),
-        in_specs=[spec["g"], spec["TK"], spec["TK"], spec["TV"], spec["KV"]],
+        in_specs=[spec["g"], spec["TK"], spec["TK"], spec["TV"], spec["KV"], *mask_specs],
         out_specs=[spec["TV"], spec["KV"]],
         out_shape=[
             out_shape((B * H, T, V), q_BHTK.dtype, q, k, v_BHTV, s0),
@@ -252,7 +309,7 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, seq_len, block_t, block_v, 
         compiler_params=_compiler_params(block_t, Kp, block_v, q_BHTK.dtype.itemsize),
         interpret=interpret,
         name="lightning_attention_fwd",
-    )(g_H.astype(jnp.float32), q, k, _flat(v_BHTV), s0)
+    )(g_H.astype(jnp.float32), q, k, _flat(v_BHTV), s0, *masks)
     return o.reshape(B, H, T, V), sT.reshape(B, H, Kp, V)[:, :, :K]
 
 
@@ -266,6 +323,7 @@ def backward(
     do_BHTV,
     dsT_BHKV,
     *,
+    run_BT=None,
     seq_len,
     block_t,
     block_v,
@@ -277,7 +335,7 @@ def backward(
     (the final state's). Returns (dq, dk [B, H, T, K], dv [B, H, T, V]) in the inputs' dtypes and
     ds0 [B, H, K, V] float32.
     """
-    _check(q_BHTK, v_BHTV, seq_len, block_t, block_v)
+    _check(q_BHTK, v_BHTV, run_BT, seq_len, block_t, block_v)
     B, H, T, K = q_BHTK.shape
     V = v_BHTV.shape[3]
     Kp, nV = _next_pow2(K), V // block_v
@@ -286,6 +344,8 @@ def backward(
     v, do = _flat(v_BHTV), _flat(do_BHTV.astype(v_BHTV.dtype))
     g = g_H.astype(jnp.float32)
     spec = _specs(T, Kp, block_v, H)
+    masks, mask_specs = _masks(run_BT, block_t, H)
+    kw = dict(seq_len=seq_len, block_t=block_t, packed=run_BT is not None)
     # dq and dk sum over V: each V tile writes its share, in float32 when there are several.
     partial_spec = pl.BlockSpec((None, None, T, Kp), lambda bh, iv: (iv, bh, 0, 0))
     partial_dtype = q_BHTK.dtype if nV == 1 else jnp.float32
@@ -297,16 +357,19 @@ def backward(
         interpret=interpret,
     )
     dq = pl.pallas_call(
-        functools.partial(_bwd_dq_kernel, seq_len=seq_len, block_t=block_t),
-        in_specs=[spec["g"], spec["TK"], spec["TV"], spec["TV"], spec["KV"]],
+        functools.partial(_bwd_dq_kernel, **kw),
+        in_specs=[spec["g"], spec["TK"], spec["TV"], spec["TV"], spec["KV"], *mask_specs],
         out_specs=partial_spec,
         out_shape=partial_shape,
         name="lightning_attention_bwd_dq",
         **common,
-    )(g, k, v, do, s0)
+    )(g, k, v, do, s0, *masks)
     dk, dv, ds0 = pl.pallas_call(
-        functools.partial(_bwd_dkdv_kernel, seq_len=seq_len, block_t=block_t),
-        in_specs=[spec["g"], spec["TK"], spec["TK"], spec["TV"], spec["TV"], spec["KV"]],
+        functools.partial(_bwd_dkdv_kernel, **kw),
+        in_specs=[
+            *(spec[name] for name in ("g", "TK", "TK", "TV", "TV", "KV")),
+            *mask_specs,
+        ],
         out_specs=[partial_spec, spec["TV"], spec["KV"]],
         out_shape=[
             partial_shape,
@@ -315,7 +378,7 @@ def backward(
         ],
         name="lightning_attention_bwd_dkdv",
         **common,
-    )(g, q, k, v, do, dsT)
+    )(g, q, k, v, do, dsT, *masks)
     return (
         _sum_partials(dq, B, H, K, q_BHTK.dtype),
         _sum_partials(dk, B, H, K, k_BHTK.dtype),

@@ -24,17 +24,9 @@ dQ and dK sum over V, so with several V tiles each tile writes a float32 partial
 wrapper adds them.
 
 Packed documents (optional `run_BT`, [B, T] int32: how many document starts precede each
-token; padded tokens repeat the last run) reset the state at each document start,
-S_t = (1 − r_t) λ S_{t−1} + k_tᵀ v_t, the initial state continuing into the first document.
-Per chunk, with p the run of the token before it (the first token's own run for the first
-chunk) and l the run of its last token:
-
-    D ← D ⊙ [run_j = run_i],   O_inter ← O_inter ⊙ [run_j = p],
-    S ← [l = p] λ^L S + (diag(λ^{L−1−i} [run_i = l]) K)ᵀ V,
-
-and the backward pass applies the same masks. The per-token masks [run = p], [run = l] are
-formed by the wrapper (they depend only on the chunking), and [l = p] is their chunk minimum
-(runs never decrease). Without `run_BT` none of this is traced.
+token; padded tokens repeat the last run) reset the state at each document start: each chunk's
+D, q decays, k decays and state decay are multiplied by the masks of `documents.py`, the same
+in the forward and both backward sweeps. Without `run_BT` none of this is traced.
 
 Inputs are head-major [B, H, T, K], T zero-padded to a multiple of block_t, K and V to
 multiples of 64; `seq_len` is the true length, so the state never decays over the padding.
@@ -49,6 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.lightning_attention.documents import mask_inputs
 from kernels_pallas.vma import out_shape
 
 # (block_t, chunk) per TPU generation, chosen from the hardware, not yet timed on a chip: the
@@ -73,6 +66,14 @@ def default_block_sizes(device_kind: str) -> tuple[int, int]:
     aliases = {"v5lite": "v5e", "v6lite": "v6e", "v5": "v5p", "v4lite": "v4", "7": "v7",
                "7x": "v7"}  # fmt: skip
     return BLOCK_SIZES.get(aliases.get(kind, kind), DEFAULT_BLOCK_SIZES)
+
+
+def _check(T, V, seq_len, block_t, block_v):
+    # The grid is T // block_t by V // block_v: a remainder would be left unwritten.
+    if T % block_t or V % block_v:
+        raise ValueError(f"block_t={block_t} and block_v={block_v} must divide T={T} and V={V}")
+    if not 0 < seq_len <= T:
+        raise ValueError(f"seq_len must be in (0, T={T}], got {seq_len}")
 
 
 def _chunk_for(block_t: int, chunk: int | None) -> int:
@@ -127,26 +128,18 @@ def _g_spec():
     return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _mask_inputs(run_BT, C):
-    """The packed path's per-token inputs for chunks of C tokens, from run_BT [B, T] int32:
-    run as a column [B, T, 1] and a row [B, 1, T] (the [C, C] same-document mask compares
-    them; Mosaic does not transpose a vector), and the float32 columns [run = p] (reads the
-    incoming state) and [run = l] (enters the outgoing state)."""
-    B, T = run_BT.shape
-    run_BNC = run_BT.astype(jnp.int32).reshape(B, T // C, C)
-    prev_BN = jnp.concatenate([run_BNC[:, :1, 0], run_BNC[:, :-1, -1]], axis=1)
-    last_BN = run_BNC[:, :, -1]
-
-    def column(mask_BNC):
-        return mask_BNC.astype(jnp.float32).reshape(B, T, 1)
-
-    keep_in, keep_out = column(run_BNC == prev_BN[..., None]), column(run_BNC == last_BN[..., None])
-    return run_BNC.reshape(B, T, 1), run_BNC.reshape(B, 1, T), keep_in, keep_out
+def _masks(run_BT, C, block_t):
+    """`documents.mask_inputs` with the row of runs cut into blocks, [B, T/block_t, 1, block_t]:
+    a (1, 1, block_t) block of a [B, 1, T] row is not a multiple of 128 lanes when block_t is
+    64, which Mosaic rejects; a block spanning the last two dims is always accepted."""
+    col, row, keep_in, keep_out = mask_inputs(run_BT, C)
+    B, _, T = row.shape
+    return col, row.reshape(B, T // block_t, 1, block_t), keep_in, keep_out
 
 
 def _mask_specs(block_t, block):
     col = pl.BlockSpec((1, block_t, 1), lambda b, h, e, n: (b, block(n), 0))
-    row = pl.BlockSpec((1, 1, block_t), lambda b, h, e, n: (b, 0, block(n)))
+    row = pl.BlockSpec((1, 1, 1, block_t), lambda b, h, e, n: (b, block(n), 0, 0))
     return [col, row, col, col]
 
 
@@ -159,7 +152,7 @@ def _chunk_masks(mask_refs, rows):
     """(same [C, C], keep_in [C, 1], keep_out [C, 1], keep_state [1, 1]) float32 for the
     chunk at `rows`: [run_j = run_i], [run_j = p], [run_i = l] and [l = p]."""
     col_ref, row_ref, in_ref, out_ref = mask_refs
-    same = (col_ref[0, rows, :] == row_ref[0, :, rows]).astype(jnp.float32)
+    same = (col_ref[0, rows, :] == row_ref[0, 0, :, rows]).astype(jnp.float32)
     keep_in = in_ref[0, rows, :]
     return same, keep_in, out_ref[0, rows, :], jnp.min(keep_in, axis=0, keepdims=True)
 
@@ -220,6 +213,7 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block
     """
     B, H, T, K = q_BHTK.shape
     V = v_BHTV.shape[-1]
+    _check(T, V, seq_len, block_t, block_v)
     C = _chunk_for(block_t, chunk)
     grid = (B, H, V // block_v, T // block_t)
     qk_spec = pl.BlockSpec((1, 1, block_t, K), lambda b, h, e, n: (b, h, n, 0))
@@ -229,7 +223,7 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block
     kernel = functools.partial(_fwd_kernel, seq_len=seq_len, block_t=block_t, C=C, packed=packed)
     inputs = (g_H.astype(jnp.float32), q_BHTK, k_BHTK, v_BHTV, s0_BHKV.astype(jnp.float32))
     in_specs = [_g_spec(), qk_spec, qk_spec, v_spec, s_spec]
-    masks = _mask_inputs(run_BT, C) if packed else ()
+    masks = _masks(run_BT, C, block_t) if packed else ()
     if packed:
         in_specs += _mask_specs(block_t, lambda n: n)
     return pl.pallas_call(
@@ -323,11 +317,12 @@ def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block
     float32. Arguments otherwise as `forward`."""
     B, H, T, K = q.shape
     V = v.shape[-1]
+    _check(T, V, seq_len, block_t, block_v)
     C = _chunk_for(block_t, chunk)
     NV, NB = V // block_v, T // block_t
     grid = (B, H, NV, NB)
     packed = run_BT is not None
-    masks = _mask_inputs(run_BT, C) if packed else ()
+    masks = _masks(run_BT, C, block_t) if packed else ()
     # Partial dq/dk per V tile: float32 unless there is only one tile.
     part_dtype = q.dtype if NV == 1 else jnp.float32
     inputs = (g_H.astype(jnp.float32), q, k, v, do_BHTV, s0, dsT_BHKV)

@@ -128,3 +128,30 @@ def test_triton_lowering_for_cuda(scales, b_dtype, monkeypatch, capsys):
     tile = f"tensor<128x128x{'f8E4M3FN' if b_dtype == E4M3 else 'bf16'}>"
     assert dots and all(f"{tile} * {tile}" in d for d in dots), dots
     assert all("-> tensor<128x128xf32>" in d for d in dots)
+
+
+@pytest.mark.parametrize("precision", [None, jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32])
+def test_triton_lowering_rejects_mixed_fp8_dot(precision):
+    """Why gpu.py upcasts E5M2 × E4M3 tiles to bfloat16: Pallas's Triton lowering (jax 0.10.2)
+    rejects an FP8 dot of two formats, and the FP8 dot-algorithm presets. Should this fail
+    after a jax upgrade, the lowering takes the pair: give `gpu._tile_dot` the FP8 dot."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    def kernel(a_ref, b_ref, o_ref):
+        o_ref[...] = jax.lax.dot(
+            a_ref[...], b_ref[...], precision=precision, preferred_element_type=jnp.float32
+        )
+
+    call = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((128, 128), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+    )
+    a, b = jax.ShapeDtypeStruct((128, 128), E5M2), jax.ShapeDtypeStruct((128, 128), E4M3)
+    if precision is None:
+        error, match = ValueError, "same element type, but got: f8E5M2 and f8E4M3FN"
+    else:
+        error, match = NotImplementedError, "Unsupported dot algorithm: ANY_F8_ANY_F8_F32"
+    with pytest.raises(error, match=match):
+        jax.jit(call).trace(a, b).lower(lowering_platforms=("cuda",))

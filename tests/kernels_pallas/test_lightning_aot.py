@@ -1,17 +1,23 @@
 """Ahead-of-time compiles of the lightning attention kernel for TPU topologies, from this CPU
 host (marker `tpu_aot`, needs libtpu): Mosaic accepts the forward and both backward kernels
-(with and without document resets), and a TNL preset's train step lowered for TPU picks the
-packed kernel (impl="auto")."""
+(with and without document resets), the unpacked op compiles on a batch × heads sharded mesh
+(its kernel in a shard_map), and a TNL preset's train step lowered for TPU picks the packed
+kernel (impl="auto")."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import compile as aot
 from jaxllm import config
+from jaxllm.ops.lightning_attention import lightning_attention as op_lightning_attention
+from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.rules import use_rules
 from kernels_pallas.lightning_attention import lightning_attention, tpu
 
 pytestmark = [
@@ -71,6 +77,56 @@ def test_kernel_compiles_at_the_tables_block_sizes(topology, packed):
             jax.ShapeDtypeStruct((B, T), jnp.int32) if packed else None)  # fmt: skip
     hlo = jax.jit(fwd_bwd).trace(*_abstract(args, device)).lower().compile().as_text()
     assert hlo.count(MOSAIC) == 3
+
+
+def test_packed_kernel_compiles_with_64_token_blocks():
+    """block_t = 64 with resets, over several blocks: the row of runs is blocked as
+    [B, T/64, 1, 64], since Mosaic rejects a (1, 1, 64) block of a [B, 1, T] row (64 lanes)."""
+    B, T, H, K = 2, 300, 2, 64
+
+    def loss(q, g, s0, seg):
+        o, sT = lightning_attention(q, q, q, g, initial_state=s0, return_final_state=True,
+                                    segment_ids=seg, block_t=64)  # fmt: skip
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(sT**2)
+
+    args = (jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16),
+            jax.ShapeDtypeStruct((H,), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, K, K), jnp.float32),
+            jax.ShapeDtypeStruct((B, T), jnp.int32))  # fmt: skip
+    grad = jax.jit(jax.grad(loss, argnums=(0, 2)))
+    hlo = grad.trace(*_abstract(args, _device("v5e:2x2"))).lower().compile().as_text()
+    assert hlo.count(MOSAIC) == 3
+
+
+def test_unpacked_op_compiles_on_a_sharded_mesh():
+    """jaxllm.ops.lightning_attention(impl="auto") with q, k, v split data × tensor (batch ×
+    heads) on v5e:2x2, as a sharded model's prefill: without its shard_map, XLA fails with
+    "Mosaic kernels cannot be automatically partitioned". Every Mosaic call sees one device's
+    shard (B/2 rows, H/2 heads, head-major) and nothing is all-gathered."""
+    mesh = make_mesh({"data": 2, "tensor": 2}, devices=aot.topology_devices(
+        aot.parse_topology("v5e:2x2")))  # fmt: skip
+    B, T, H, K = 4, 1024, 4, 128
+
+    def loss(q, k, v, g, s0):
+        o, sT = op_lightning_attention(q, k, v, g, initial_state=s0, return_final_state=True)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(sT**2)
+
+    def spec(shape, dtype, pspec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, pspec))
+
+    x = spec((B, T, H, K), jnp.bfloat16, P("data", None, "tensor"))
+    args = (x, x, x, spec((H,), jnp.float32, P("tensor")),
+            spec((B, H, K, K), jnp.float32, P("data", "tensor")))  # fmt: skip
+    with use_rules(mesh):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4)))
+        hlo = grad.trace(*args).lower().compile().as_text()
+    calls = [line for line in hlo.splitlines() if MOSAIC in line]
+    assert len(calls) == 3
+    local = f"bf16[{B // 2},{H // 2},{T},{K}]"
+    for call in calls:
+        shapes = re.findall(r"bf16\[[\d,]*\]", call)
+        assert local in shapes and f"bf16[{B},{H},{T},{K}]" not in shapes, shapes
+    assert "all-gather" not in hlo
 
 
 def test_tnl_train_step_uses_the_packed_kernel():

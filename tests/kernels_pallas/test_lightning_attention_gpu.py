@@ -8,7 +8,10 @@ final-state cotangent. Inputs are laid out and zero-padded here the way the wrap
 
 Interpret mode cannot see what only the Triton lowering rejects (an op without a Triton rule,
 a tile that is not a power of two), so `test_lowers_for_cuda` runs the Pallas → Triton IR
-lowering on the CPU. Triton's own compile (shared memory, registers) needs a GPU.
+lowering on the CPU, with and without document resets, and the ops' impl="auto" is lowered
+for CUDA to see that it picks these kernels. Triton's own compile (shared memory, registers)
+needs a GPU. The kernels with resets (segment_ids) are compared with the packed reference
+through their entry point in test_lightning_kernel.py (backend="gpu").
 """
 
 import functools
@@ -18,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.ops.lightning_attention import lightning_attention_reference
-from kernels_pallas.lightning_attention import gpu
+from jaxllm.ops.lightning_attention import lightning_attention, lightning_attention_reference
+from jaxllm.ops.lightning_attention_packed import lightning_attention_packed
+from kernels_pallas.lightning_attention import gpu, gpu_available
 from tests.helpers import assert_close
 
 RATIO = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3}
@@ -115,24 +119,32 @@ def test_head_dim_padded_to_power_of_two():
     _check_against_reference(2, 2, 130, 192, 64, jnp.float32, "tnl", 64, 32)
 
 
-def _lower_for_cuda(dtype, K, V, block_t, block_v):
+def _lower_for_cuda(dtype, K, V, block_t, block_v, packed=False):
     """The StableHLO text of forward and backward lowered for CUDA (Pallas → Triton IR).
-    T = 192 and H = 3 are not powers of two: only the tiles have to be."""
-    B, H, T = 1, 3, 192
+    T = 192 and H = 3 are not powers of two: only the tiles have to be. packed: with document
+    runs (resets)."""
+    B, H, T = 2, 3, 192
     sds = jax.ShapeDtypeStruct
     args = (sds((B, H, T, K), dtype), sds((B, H, T, K), dtype), sds((B, H, T, V), dtype))
     args += (sds((H,), jnp.float32), sds((B, H, K, V), jnp.float32))
     cotangents = (sds((B, H, T, V), dtype), sds((B, H, K, V), jnp.float32))
+    run = sds((B, T), jnp.int32) if packed else None
     blocks = dict(seq_len=130, block_t=block_t, block_v=block_v)
-    fwd = functools.partial(gpu.forward, **blocks)
-    bwd = functools.partial(gpu.backward, **blocks)
+
+    def fwd(*args, run_BT):
+        return gpu.forward(*args, run_BT=run_BT, **blocks)
+
+    def bwd(*args, run_BT):
+        return gpu.backward(*args, run_BT=run_BT, **blocks)
+
     lower = dict(lowering_platforms=("cuda",))
     return (
-        jax.jit(fwd).trace(*args).lower(**lower).as_text(),
-        jax.jit(bwd).trace(*args, *cotangents).lower(**lower).as_text(),
+        jax.jit(fwd).trace(*args, run_BT=run).lower(**lower).as_text(),
+        jax.jit(bwd).trace(*args, *cotangents, run_BT=run).lower(**lower).as_text(),
     )
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(
     "dtype, K, V, block_t, block_v",
     [
@@ -142,10 +154,39 @@ def _lower_for_cuda(dtype, K, V, block_t, block_v):
         (jnp.bfloat16, 192, 64, 64, 64),  # K padded to 256 inside
     ],
 )
-def test_lowers_for_cuda(dtype, K, V, block_t, block_v):
-    fwd, bwd = _lower_for_cuda(dtype, K, V, block_t, block_v)
+def test_lowers_for_cuda(dtype, K, V, block_t, block_v, packed):
+    fwd, bwd = _lower_for_cuda(dtype, K, V, block_t, block_v, packed)
     assert fwd.count("__gpu$xla.gpu.triton") == 1
     assert bwd.count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_ops_auto_lowers_to_the_gpu_kernel_for_cuda(packed):
+    """jaxllm.ops' impl="auto", differentiated and lowered for CUDA: the Triton forward, dq
+    sweep and dk/dv sweep, with the document runs among their operands when packed."""
+    assert gpu_available()
+    B, T, H, K = 2, 100, 2, 64
+    sds = jax.ShapeDtypeStruct
+    x = sds((B, T, H, K), jnp.bfloat16)
+    seg = sds((B, T), jnp.int32)
+
+    def loss(q, k, v, seg):
+        g = -jnp.ones((H,), jnp.float32)
+        if packed:
+            o = lightning_attention_packed(q, k, v, g, seg, impl="auto")
+        else:
+            o = lightning_attention(q, k, v, g, impl="auto")
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
+    calls = [
+        line
+        for line in lowered.lower(lowering_platforms=("cuda",)).as_text().splitlines()
+        if "__gpu$xla.gpu.triton" in line
+    ]
+    assert len(calls) == 3
+    # the document runs (documents.mask_inputs) are the only int32 operands
+    assert all(("xi32>" in c) == packed for c in calls), calls
 
 
 def test_default_block_sizes():

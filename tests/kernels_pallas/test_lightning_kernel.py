@@ -1,4 +1,5 @@
-"""The lightning attention Pallas kernel (TPU kernel in interpret mode on the CPU) against
+"""The lightning attention Pallas kernels through their entry point, in interpret mode on the
+CPU (the TPU kernel, and the GPU one with backend="gpu"), against
 `lightning_attention_reference`: output, final state and the gradients of q, k, v and the
 initial state, with a cotangent on the final state too.
 The same with packed documents (segment_ids: the state reset at each document start) against
@@ -21,12 +22,21 @@ from jaxllm.ops.lightning_attention_packed import (
     lightning_attention_packed,
     lightning_attention_packed_reference,
 )
+from kernels_pallas.lightning_attention import gpu_available, tpu
 from kernels_pallas.lightning_attention import lightning_attention as kernel_attention
-from kernels_pallas.lightning_attention import tpu
 from tests.helpers import assert_close
 
 F32_RATIO = 1e-5
 BF16_RATIO = 5e-3
+# The entry point's arguments that pick each kernel on this CPU: the TPU kernel is its default
+# here, the GPU (Triton) kernel runs only when asked for, interpreted.
+BACKENDS = {"tpu": {}, "gpu": {"backend": "gpu", "interpret": True}}
+
+
+def _backend_kw(backend):
+    # Without the GPU module the entry point would quietly interpret the TPU kernel instead.
+    assert backend == "tpu" or gpu_available()
+    return BACKENDS[backend]
 
 
 def _log_decay(kind, H):
@@ -82,6 +92,7 @@ def _check(B, T, H, K, V, decay, dtype, seed=0, **kw):
         assert_close(name, ref, got, ratio)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "B,T,H,K,V,decay,dtype,kw",
     [
@@ -91,17 +102,21 @@ def _check(B, T, H, K, V, decay, dtype, seed=0, **kw):
         (1, 200, 2, 128, 128, "tnl", jnp.bfloat16, {"block_t": 64}),
         # 2 blocks of 2 chunks (the table's chunk is 128) and 2 V tiles (float32 partials)
         (1, 300, 2, 64, 256, "tnl", jnp.float32, {"block_t": 256, "block_v": 128}),
+        # the default block sizes; K, V 192 (the GPU kernel pads K on to 256, and tiles V)
+        (2, 130, 2, 192, 192, "strong", jnp.bfloat16, {}),
+        (1, 1, 2, 96, 48, "tnl", jnp.bfloat16, {}),
     ],
 )
-def test_kernel_matches_reference(B, T, H, K, V, decay, dtype, kw):
-    _check(B, T, H, K, V, decay, dtype, **kw)
+def test_kernel_matches_reference(B, T, H, K, V, decay, dtype, kw, backend):
+    _check(B, T, H, K, V, decay, dtype, **kw, **_backend_kw(backend))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("decay", ["none", "strong", "tnl"])
-def test_kernel_matches_reference_long(decay, dtype):
-    _check(2, 1000, 4, 128, 128, decay, dtype, seed=1)
+def test_kernel_matches_reference_long(decay, dtype, backend):
+    _check(2, 1000, 4, 128, 128, decay, dtype, seed=1, **_backend_kw(backend))
 
 
 def test_no_races_or_uninitialized_reads():
@@ -117,6 +132,13 @@ def test_no_races_or_uninitialized_reads():
     _check(2, 100, 2, 64, 64, "tnl", jnp.float32, block_t=64, interpret=params)
     assert interpret_pallas_call.races is not None
     assert not interpret_pallas_call.races.races_found
+
+
+def test_gpu_backend_takes_tpu_interpret_params():
+    """backend="gpu" with a `pltpu.InterpretParams` (the TPU interpreter's, which failed on an
+    assertion when handed the Triton kernel) interprets the GPU kernel."""
+    assert gpu_available()
+    _check(1, 40, 2, 64, 64, "tnl", jnp.float32, backend="gpu", interpret=pltpu.InterpretParams())
 
 
 def test_block_size_table():
@@ -168,6 +190,21 @@ def test_bad_arguments():
         kernel_attention(q, k, v, initial_state=jnp.zeros((1, 2, 64, 32)))
 
 
+def test_blocks_must_divide_the_arrays():
+    """A block_v that does not divide V (here 192, K and V padded to multiples of 64) used to
+    leave the last columns of o unwritten (NaN in interpret mode, garbage on a chip)."""
+    q, k, v, *_ = _inputs(1, 64, 2, 64, 192, jnp.float32)
+    with pytest.raises(ValueError, match="must divide"):
+        kernel_attention(q, k, v, block_t=64, block_v=128)
+    x = jnp.zeros((1, 2, 96, 128), jnp.float32)
+    s = jnp.zeros((1, 2, 128, 128), jnp.float32)
+    g = jnp.zeros((2,), jnp.float32)
+    with pytest.raises(ValueError, match="must divide"):
+        tpu.forward(x, x, x, g, s, seq_len=96, block_t=64, block_v=128, interpret=True)
+    with pytest.raises(ValueError, match="seq_len"):
+        tpu.backward(x, x, x, g, s, x, s, seq_len=97, block_t=32, block_v=128, interpret=True)
+
+
 # Packed documents (segment_ids): the kernel's resets against
 # `lightning_attention_packed_reference`, the token-by-token recurrence.
 
@@ -212,6 +249,7 @@ def _check_packed(segment_ids, H, K, V, decay, dtype, seed=0, **kw):
         assert_close(name, ref, got, ratio)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "rows,H,K,V,decay,dtype,kw",
     [
@@ -223,36 +261,42 @@ def _check_packed(segment_ids, H, K, V, decay, dtype, seed=0, **kw):
         ([(37, [9], 5), (37, [36], 0)], 2, 48, 96, "strong", jnp.float32, {"block_t": 64}),
         ([(150, [64, 100], 10), (150, [1, 2, 3, 140], 0)], 2, 128, 128, "tnl", jnp.bfloat16,
          {"block_t": 64}),
-        # 2 chunks per block (reset at the chunk boundary 128 inside block 0, and at the block
-        # boundary 256), 2 V tiles (float32 partials)
+        # 2 chunks per block on TPU (reset at the chunk boundary 128 inside block 0, and at
+        # the block boundary 256), 2 V tiles (float32 partials)
         ([(300, [128, 256], 20), (300, [200], 0)], 2, 64, 256, "tnl", jnp.float32,
          {"block_t": 256, "block_v": 128}),
+        # the default block sizes (GPU: 32 tokens here), K, V 192; every token a document
+        ([(70, range(1, 70), 0), (70, [31, 32, 64], 3)], 2, 192, 192, "strong", jnp.bfloat16,
+         {}),
     ],
 )  # fmt: skip
-def test_packed_kernel_matches_reference(rows, H, K, V, decay, dtype, kw):
+def test_packed_kernel_matches_reference(rows, H, K, V, decay, dtype, kw, backend):
     segment_ids = np.stack([_segments(T, starts, pad) for T, starts, pad in rows])
-    _check_packed(segment_ids, H, K, V, decay, dtype, **kw)
+    _check_packed(segment_ids, H, K, V, decay, dtype, **kw, **_backend_kw(backend))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("decay", ["none", "strong", "tnl"])
-def test_packed_kernel_matches_reference_random_layouts(decay, dtype):
+def test_packed_kernel_matches_reference_random_layouts(decay, dtype, backend):
     """Random documents (lengths 1 to 300) over 1000 tokens, the table's chunk of 128."""
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(3):
         starts = np.cumsum(rng.integers(1, 300, size=20))
         rows.append(_segments(1000, starts[starts < 1000], pad=int(rng.integers(0, 40))))
-    _check_packed(np.stack(rows), 2, 128, 128, decay, dtype, seed=1, block_t=256)
+    kw = _backend_kw(backend)
+    _check_packed(np.stack(rows), 2, 128, 128, decay, dtype, seed=1, block_t=256, **kw)
 
 
-def test_packed_kernel_one_document_is_the_unpacked_kernel():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_kernel_one_document_is_the_unpacked_kernel(backend):
     """Constant ids: no reset, the same numbers as without segment_ids."""
     B, T, H, K, V = 2, 100, 2, 64, 64
     q, k, v, s0, *_ = _inputs(B, T, H, K, V, jnp.float32)
     g = _log_decay("tnl", H)
-    kw = dict(initial_state=s0, return_final_state=True, block_t=64)
+    kw = dict(initial_state=s0, return_final_state=True, block_t=64, **_backend_kw(backend))
     packed = kernel_attention(q, k, v, g, segment_ids=jnp.full((B, T), 3), **kw)
     plain = kernel_attention(q, k, v, g, **kw)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), packed, plain)
@@ -298,5 +342,3 @@ def test_packed_bad_arguments():
     q, k, v, *_ = _inputs(1, 8, 2, 64, 64, jnp.float32)
     with pytest.raises(ValueError, match="segment_ids"):
         kernel_attention(q, k, v, segment_ids=jnp.zeros((1, 7), jnp.int32))
-    with pytest.raises(ValueError, match="GPU kernel"):
-        kernel_attention(q, k, v, segment_ids=jnp.zeros((1, 8), jnp.int32), backend="gpu")
