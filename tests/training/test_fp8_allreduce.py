@@ -4,6 +4,8 @@ micro-batch per replica, loss curves against bfloat16, bit-exact resume, and the
 keep GSPMD's float32 reduction."""
 
 import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxllm import compile as aot
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import use_rules
 from jaxllm.precision.fp8_comm import GROWTH_STEPS, MU_HIGH, MU_LOW, OVERFLOW_THRESHOLD
@@ -224,6 +227,60 @@ def test_resume_is_bit_exact_with_the_fp8_allreduce(tmp_path):
     assert set(a) == {"step", "params", "opt_state", "fp8_comm"}
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def _collectives(hlo: str) -> list[tuple[str, str, int]]:
+    """(op, element type, elements) of each collective in compiled HLO text."""
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(
+            r"=\s*(.+?)\s(all-reduce|all-gather|all-to-all|reduce-scatter)(-start)?\(", line
+        )
+        if m:
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+                out.append((m.group(2), dtype, math.prod(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "cpu",
+        pytest.param("v5e:2x2", marks=[pytest.mark.tpu_aot, pytest.mark.skipif(
+            not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")]),
+    ],
+)  # fmt: skip
+def test_the_gradients_cross_the_wire_as_fp8_bytes(target):
+    """In the compiled step (XLA:CPU on 8 devices, or ahead of time for a TPU v5e 2x2 from
+    this host) the gradients leave as a uint8 all-to-all of at least one byte per parameter,
+    and no floating-point collective is larger than the per-tensor scalars (amaxes, token
+    sums): nothing of the gradient crosses in float32. On the CPU the summed slices come back
+    as a uint8 all-gather; XLA:TPU turns some of those into all-reduces of the same bytes
+    packed in uint32 (zero-padded, so they cost more than the all-gather would)."""
+    cfg = tiny("precision.fp8=current", *DP8)
+    if target == "cpu":
+        trainer = Trainer.create(cfg, make_mesh(cfg.parallel.mesh.resolve(8)))
+        keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                (8, 32), jnp.float32 if k == "loss_mask" else jnp.int32,
+                sharding=trainer.batch_sharding,
+            )
+            for k in keys
+        }  # fmt: skip
+        lowered = step_lib.make_train_step(trainer).lower(trainer.abstract_state(), batch)
+    else:
+        cfg = tiny("precision.fp8=current")  # data = the 4 chips
+        lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology(target))
+        assert dict(mesh.shape)["data"] == 4
+    n_params = 35232
+    ops = _collectives(lowered.compile().as_text())
+    u8 = lambda op: sum(n for o, t, n in ops if o == op and t == "u8")
+    assert u8("all-to-all") >= n_params
+    if target == "cpu":
+        assert u8("all-gather") >= n_params
+    floats = [n for _, t, n in ops if t.startswith(("f", "bf"))]
+    assert max(floats) < 200  # 21 tensors' amaxes, a few token sums
 
 
 @pytest.mark.parametrize(
