@@ -17,14 +17,23 @@ overflows it. Per gradient tensor, on the replicas of `axis_name`:
    set to 1/2 for the next step; otherwise μ grows exponentially, from 1/2 to 2 in 1000 steps
    (a factor ``4^(1/1000)`` per step), and stays at 2.
 
-JAX's collectives have no FP8 sum, so the payloads are summed with a float32 `psum` of their
-(exact) FP8 values and the sum is rounded to E4M3 once: the result of an FP8 all-reduce that
-accumulates in high precision (an FP8 NCCL ring also rounds each partial sum); the wire carries
-float32, so this reproduces the numerics, not the bandwidth.
+JAX's collectives have no FP8 sum, so the all-reduce is built from collectives that move FP8
+bytes (`uint8` on the wire: XLA:CPU would widen a float8 collective to float16) and one float32
+sum: the reduce-scatter half is an all-to-all of the payloads, each replica adds its slice of
+the N payloads in float32 and rounds that sum to E4M3 once (an FP8 NCCL ring also rounds each
+partial sum on the way), the all-gather half gathers the summed FP8 slices. The float32 sum of
+N ≤ 64 E4M3 values is exact (they are multiples of 2^-9 below 2^9, so the sum needs at most 24
+significant bits), so the result does not depend on the summation order.
+
+On the wire, per gradient element and device (ring accounting, N replicas): 2(N-1)/N bytes
+(the FP8 all-to-all and all-gather), against 8(N-1)/N for a float32 all-reduce; per tensor 4
+more for its amax (one float32 `pmax` of all of them) and 4 for its overflow count (int32
+`psum`s).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -35,30 +44,58 @@ from jaxllm.precision.fp8 import E4M3, fp8_max, scale_from_amax, to_fp8
 
 OVERFLOW_THRESHOLD = 1e-5  # 0.001% of the values
 MU_LOW, MU_HIGH, GROWTH_STEPS = 0.5, 2.0, 1000
+# μ of the first step: 1 is pre-scaling, whose sum cannot overflow
+MU_INIT = 1.0
 
 
-def fp8_psum(grads: Any, mu: jax.Array, axis_name: str) -> tuple[Any, jax.Array]:
+def fp8_psum(
+    grads: Any, mu: jax.Array, axis_name: str, block_axes: Any = None
+) -> tuple[Any, jax.Array]:
     """(≈ ``psum(grads, axis_name)`` through the FP8 all-reduce, the fraction of summed values
-    that hit fp8_max). Call where `axis_name` is bound (inside `shard_map`); returns float32
-    gradients, the same on every replica."""
-    n = jax.lax.psum(1, axis_name)
-    fmax = fp8_max(E4M3)
+    that hit fp8_max). Call where `axis_name` is manual, inside a `shard_map` with
+    ``check_vma=False``: the result is the same on every replica, but `all_gather` types it as
+    varying over `axis_name` (jax 0.10 exports no invariant all-gather). Returns float32.
 
-    def one(g):
-        g = g.astype(jnp.float32)
-        amax = jax.lax.pmax(jnp.max(jnp.abs(g)), axis_name)  # = MIN of the replicas' scales
-        s = scale_from_amax(amax, E4M3)
-        payload = to_fp8(g, E4M3, mu * s / n).astype(jnp.float32)
-        total = jax.lax.psum(payload, axis_name)
-        hits = jnp.sum(jnp.abs(total) >= fmax)
-        return to_fp8(total, E4M3, 1.0).astype(jnp.float32) * n / (mu * s), hits
+    `block_axes`: where each gradient is this device's block of a larger tensor split over
+    other manual mesh axes, a tree like `grads` of the tuples of axis names that split it;
+    the shared scale and the overflow fraction are then the whole tensor's.
+    """
+    leaves, treedef = jax.tree.flatten(grads)
+    if not leaves:
+        return grads, jnp.zeros((), jnp.float32)
+    axes = [()] * len(leaves) if block_axes is None else treedef.flatten_up_to(block_axes)
+    n = jax.lax.axis_size(axis_name)
+    # One collective for every tensor's amax: the max over replicas (= the MIN of their scales)
+    # and over the blocks of the tensor (a max over copies of a block changes nothing).
+    every = tuple(dict.fromkeys(a for t in axes for a in t))
+    local = jnp.stack([jnp.max(jnp.abs(g.astype(jnp.float32))) for g in leaves])
+    scales = scale_from_amax(jax.lax.pmax(local, (axis_name, *every)), E4M3)
+    out, hits = [], {}
+    for i, (g, ax) in enumerate(zip(leaves, axes, strict=True)):
+        total, h = _fp8_sum(g, mu * scales[i] / n, axis_name, n)
+        out.append(total * n / (mu * scales[i]))
+        hits[ax] = hits.get(ax, 0) + h
+    # each tensor's count over the replicas' slices and the blocks that split it
+    count = sum(jax.lax.psum(h, (axis_name, *ax)) for ax, h in hits.items())
+    size = sum(g.size * math.prod(jax.lax.axis_size(a) for a in ax) for g, ax in zip(leaves, axes))
+    return jax.tree.unflatten(treedef, out), count.astype(jnp.float32) / size
 
-    out = jax.tree.map(one, grads)
-    is_pair = lambda x: isinstance(x, tuple)
-    summed = jax.tree.map(lambda p: p[0], out, is_leaf=is_pair)
-    hits = sum(p[1] for p in jax.tree.leaves(out, is_leaf=is_pair))
-    size = sum(g.size for g in jax.tree.leaves(grads))
-    return summed, jnp.asarray(hits, jnp.float32) / max(size, 1)
+
+def _fp8_sum(g: jax.Array, scale: jax.Array, axis_name: str, n: int):
+    """(Σ over `axis_name` of E4M3(g · scale), rounded to E4M3 and returned in float32 without
+    the scale; the number of sums at fp8_max in this replica's slice)."""
+    flat = jax.lax.bitcast_convert_type(to_fp8(g, E4M3, scale), jnp.uint8).reshape(-1)
+    size, width = flat.size, -(-flat.size // n)
+    # 0x00 is E4M3's +0: the padding adds nothing and never overflows
+    rows = jnp.pad(flat, (0, n * width - size)).reshape(n, width)
+    # reduce-scatter half: replica r receives row r of every replica's payload
+    rows = jax.lax.all_to_all(rows, axis_name, 0, 0, tiled=True)
+    total = jnp.sum(jax.lax.bitcast_convert_type(rows, E4M3).astype(jnp.float32), axis=0)
+    hits = jnp.sum(jnp.abs(total) >= fp8_max(E4M3), dtype=jnp.int32)
+    summed = jax.lax.bitcast_convert_type(to_fp8(total, E4M3, 1.0), jnp.uint8)
+    # all-gather half: every replica gets every summed slice
+    full = jax.lax.all_gather(summed, axis_name, tiled=True)[:size]
+    return jax.lax.bitcast_convert_type(full, E4M3).astype(jnp.float32).reshape(g.shape), hits
 
 
 def update_mu(mu: jax.Array, overflow: jax.Array) -> jax.Array:
@@ -75,12 +112,13 @@ class FP8AllReduceState(NamedTuple):
 def fp8_allreduce(axis_name: str = "data") -> optax.GradientTransformation:
     """An optax transformation that sums the replicas' gradients over `axis_name` through
     `fp8_psum` and adapts μ. Its update must run where `axis_name` is bound (a data-parallel
-    `shard_map` step whose gradients are per replica); chain the optimizer after it, e.g.
-    ``optax.chain(fp8_allreduce("data"), fp8_lm(adamw, "O1"))``. μ starts at 1."""
+    `shard_map` step, ``check_vma=False``, whose gradients are per replica); chain the optimizer
+    after it, e.g. ``optax.chain(fp8_allreduce("data"), fp8_lm(adamw, "O1", grads_in_fp8=True))``.
+    μ starts at 1."""
 
     def init(params):
         del params
-        return FP8AllReduceState(jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32))
+        return FP8AllReduceState(jnp.float32(MU_INIT), jnp.zeros((), jnp.float32))
 
     def update(grads, state, params=None):
         del params

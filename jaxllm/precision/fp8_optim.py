@@ -1,8 +1,9 @@
 """FP8-LM optimization levels (Peng et al., arXiv 2310.18313; MS-AMP) as an optax wrapper.
 
 - ``O1``: the gradients enter the optimizer as FP8 E4M3 with one float32 scale per tensor
-  (MS-AMP's weight-gradient format; the scale is ``448 / amax`` and is what the FP8
-  data-parallel all-reduce shares, see the shared-scale scheme of the paper's §2.1). Optimizer
+  (MS-AMP's weight-gradient format). On a data-parallel mesh they are the output of the FP8
+  all-reduce (`jaxllm.precision.fp8_comm`: shared scale, automatic scaling μ), which the train
+  step runs; otherwise this wrapper quantizes them with the scale ``448 / amax``. Optimizer
   states and master weights stay float32.
 - ``O2``: O1, plus the optimizer's first moment (``mu`` of AdamW and CAME) stored as FP8
   E4M3 with a per-tensor float32 scale and the second moment (``nu`` / CAME's ``v*``, ``res*``)
@@ -90,9 +91,16 @@ def fp8_gradients(grads: Any) -> Any:
 
 
 def fp8_lm(
-    inner: optax.GradientTransformation, level: str = "O1", v_dtype=jnp.float16
+    inner: optax.GradientTransformation,
+    level: str = "O1",
+    v_dtype=jnp.float16,
+    grads_in_fp8: bool = False,
 ) -> optax.GradientTransformation:
-    """Wrap `inner` (AdamW, CAME, or a chain holding one) at FP8-LM `level` ("O1" | "O2")."""
+    """Wrap `inner` (AdamW, CAME, or a chain holding one) at FP8-LM `level` ("O1" | "O2").
+
+    `grads_in_fp8`: the gradients already come out of the FP8 data-parallel all-reduce
+    (`jaxllm.precision.fp8_comm`), E4M3 with a per-tensor scale: they are not quantized again
+    (a second per-tensor scale would round them twice)."""
     if level not in ("O1", "O2"):
         raise ValueError(f"precision.fp8_level={level!r}: use O1 or O2")
     o2 = level == "O2"
@@ -102,7 +110,8 @@ def fp8_lm(
         return _compress(state, v_dtype) if o2 else state
 
     def update(grads, state, params=None):
-        grads = fp8_gradients(grads)
+        if not grads_in_fp8:
+            grads = fp8_gradients(grads)
         full = _expand(state) if o2 else state
         updates, full = inner.update(grads, full, params)
         return updates, (_compress(full, v_dtype) if o2 else full)

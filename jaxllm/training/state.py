@@ -23,10 +23,12 @@ from jaxllm.optim import build_optimizer
 from jaxllm.optim import co2 as co2_lib
 from jaxllm.parallel.rules import sharding_for
 from jaxllm.precision import PrecisionSpec, record_delayed_keys
+from jaxllm.precision.fp8_comm import MU_INIT
 from jaxllm.precision.fp8_optim import fp8_lm
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": {...}, "opt_state": optax state}
 # With optim.co2: "opt_state" has a leading replica axis and "co2" holds the outer state.
+# With the FP8 all-reduce: "fp8_comm" = {"mu": float32[]}, its automatic scaling factor.
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Trainer:
     replicas: int = 1  # CO2: data-parallel replicas with their own local parameters
     steps_per_call: int = 1  # CO2: one call of the train step runs a round of τ steps
     round_sharding: NamedSharding | None = None  # CO2: of the train step's [τ, B, T] batches
+    fp8_allreduce: bool = False  # gradients reduced over `data` in FP8 (`uses_fp8_allreduce`)
 
     @property
     def train_batch_sharding(self) -> NamedSharding:
@@ -88,9 +91,11 @@ class Trainer:
             lambda a: a[:1] == (LAYERS_AXIS,), model.axes, is_leaf=lambda x: isinstance(x, tuple)
         )
         tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, stacked)
+        fp8_allreduce = uses_fp8_allreduce(cfg, mesh)
         if cfg.precision.fp8 != "none":
-            # FP8-LM O1 / O2: FP8 gradients (and, O2, FP8 / 16-bit optimizer moments)
-            tx = fp8_lm(tx, cfg.precision.fp8_level)
+            # FP8-LM O1 / O2: FP8 gradients (and, O2, FP8 / 16-bit optimizer moments); the FP8
+            # all-reduce, when it runs, already hands over FP8 gradients
+            tx = fp8_lm(tx, cfg.precision.fp8_level, grads_in_fp8=fp8_allreduce)
         param_shardings = jax.tree.map(
             lambda a, x: sharding_for(a, x.shape, mesh),
             model.axes,
@@ -116,11 +121,14 @@ class Trainer:
         if cfg.precision.fp8 == "delayed":
             fp8_state = jax.eval_shape(lambda: delayed_fp8_state(cfg, model))
             state_shardings["fp8_state"] = jax.tree.map(lambda _: replicated, fp8_state)
+        if fp8_allreduce:
+            state_shardings["fp8_comm"] = {"mu": replicated}
         batch_sharding = sharding_for(
             ("batch", "length"), (cfg.data.batch_size, cfg.data.seq_len), mesh
         )
         if not cfg.optim.co2.enabled:
-            return cls(cfg, mesh, model, tx, schedule, state_shardings, batch_sharding)
+            return cls(cfg, mesh, model, tx, schedule, state_shardings, batch_sharding,
+                       fp8_allreduce=fp8_allreduce)  # fmt: skip
         # CO2: per-replica inner state and previous replicas, sharded over `data` (optim/co2.py).
         tau, replicas = cfg.optim.co2.local_steps, mesh.shape[co2_lib.REPLICA_AXIS]
         state_shardings["opt_state"] = co2_lib.per_replica_shardings(opt_shardings, mesh)
@@ -139,6 +147,8 @@ class Trainer:
         state = {"step": jnp.zeros((), jnp.int32), "params": params}
         if self.cfg.precision.fp8 == "delayed":
             state["fp8_state"] = delayed_fp8_state(self.cfg, self.model)
+        if self.fp8_allreduce:
+            state["fp8_comm"] = {"mu": jnp.asarray(MU_INIT, jnp.float32)}
         if not self.cfg.optim.co2.enabled:
             return {**state, "opt_state": self.tx.init(params)}
         r = self.replicas
@@ -173,6 +183,23 @@ class Trainer:
         """A fresh state (step 0, new optimizer state) around given parameters, e.g. imported
         ones already placed in `state_shardings["params"]`."""
         return jax.jit(self._fresh, out_shardings=self.state_shardings)(params)
+
+
+def uses_fp8_allreduce(cfg: Config, mesh: Mesh) -> bool:
+    """Whether the train step reduces the gradients over `data` with FP8-LM's all-reduce
+    (`jaxllm.precision.fp8_comm`): FP8 training (levels O1 and O2) on more than one
+    data-parallel replica. Not with CO2, whose replicas exchange parameters, not gradients.
+    Not yet where a `shard_map` of the model would nest inside the step's per-replica one and
+    split tokens over `data` again (expert or sequence parallelism, the Pallas FP8 GEMM): there
+    GSPMD reduces the gradients in float32, as without FP8."""
+    p = cfg.precision
+    return (
+        p.fp8 != "none"
+        and mesh.shape.get("data", 1) > 1
+        and not cfg.optim.co2.enabled
+        and p.fp8_impl == "xla"
+        and all(mesh.shape.get(a, 1) == 1 for a in ("expert", "sequence"))
+    )
 
 
 def delayed_fp8_state(cfg: Config, model: Model) -> dict:

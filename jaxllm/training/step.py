@@ -16,6 +16,7 @@ from jaxllm.optim import co2 as co2_lib
 from jaxllm.parallel.rules import DEFAULT_RULES, use_rules
 from jaxllm.parallel.sequence import use_impl
 from jaxllm.precision import PrecisionSpec, update_delayed_state, use_precision
+from jaxllm.precision.fp8_comm import fp8_psum, update_mu
 from jaxllm.training.remat import block_remat
 from jaxllm.training.state import Trainer, TrainState
 
@@ -126,26 +127,18 @@ def _z_metric(cfg, sums: dict, n_tokens: jax.Array) -> dict:
     return {"z_loss": sums["z"] / n_tokens} if cfg.train.z_loss > 0 else {}
 
 
-def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """`step(state, batch) -> (state, metrics)`, jitted and donating `state`.
-
-    The loss is the mean over every unmasked target token of the global batch, however the
-    batch is split into `train.microbatches` (token sums are accumulated, then divided once).
-    """
-    cfg = trainer.cfg
-    if cfg.optim.co2.enabled:
-        return _make_co2_step(trainer)
-    n_micro = cfg.train.microbatches
+def _accumulator(trainer: Trainer) -> Callable:
+    """`accumulate(params, fp8_state, batch) -> (grads, sums, fp8_rec, layer_metrics)`: the
+    gradients of the token-summed objective of `batch`, its token sums, the recorded amax
+    histories and the layers' metrics, over `train.microbatches` micro-batches."""
+    n_micro = trainer.cfg.train.microbatches
     # Differentiated in the delayed-FP8 state too: its "gradient" is the recorded amax
     # histories (jaxllm.precision.fp8), the state is None otherwise.
     grad_fn = jax.value_and_grad(
         lambda p, f, mb: _forward_loss(trainer, p, mb, f), argnums=(0, 1), has_aux=True
     )
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        params = state["params"]
-        fp8_state = state.get("fp8_state")
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    def accumulate(params, fp8_state, batch):
         if n_micro == 1:
             (_, (sums, layer_metrics)), (grads, fp8_rec) = grad_fn(params, fp8_state, batch)
         else:
@@ -164,6 +157,36 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
             f0 = jax.tree.map(jnp.zeros_like, fp8_state)
             (grads, sums, fp8_rec), lms = jax.lax.scan(body, (zeros, sums0, f0), micro)
             layer_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), lms)
+        return grads, sums, fp8_rec, layer_metrics
+
+    return accumulate
+
+
+def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """`step(state, batch) -> (state, metrics)`, jitted and donating `state`.
+
+    The loss is the mean over every unmasked target token of the global batch, however the
+    batch is split into `train.microbatches` (token sums are accumulated, then divided once).
+    With `trainer.fp8_allreduce` the gradients are summed over `data` by FP8-LM's all-reduce
+    (`_fp8_data_parallel`), its μ carried in `state["fp8_comm"]` and logged as `fp8_mu`.
+    """
+    cfg = trainer.cfg
+    if cfg.optim.co2.enabled:
+        return _make_co2_step(trainer)
+    accumulate = _accumulator(trainer)
+    fp8_reduced = _fp8_data_parallel(trainer, accumulate) if trainer.fp8_allreduce else None
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        params = state["params"]
+        fp8_state = state.get("fp8_state")
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        if fp8_reduced is None:
+            grads, sums, fp8_rec, layer_metrics = accumulate(params, fp8_state, batch)
+        else:
+            mu = state["fp8_comm"]["mu"]
+            grads, sums, fp8_rec, layer_metrics, overflow = fp8_reduced(
+                params, fp8_state, batch, mu
+            )
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
         grad_norm = optax.tree.norm(grads)
         opt_state = state["opt_state"]
@@ -185,6 +208,8 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
         if fp8_state is not None:
             margin = cfg.precision.margin
             new_state["fp8_state"] = update_delayed_state(fp8_state, fp8_rec, margin)
+        if fp8_reduced is not None:
+            new_state["fp8_comm"] = {"mu": update_mu(mu, overflow)}
         metrics = {
             **layer_metrics,
             "loss": sums["nll"] / n_tokens,
@@ -194,6 +219,9 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
             "tokens": n_tokens,
             **_z_metric(cfg, sums, n_tokens),
         }
+        if fp8_reduced is not None:
+            # μ this step ran with, and the fraction of summed values that hit the FP8 max
+            metrics.update(fp8_mu=mu, fp8_overflow=overflow)
         return new_state, metrics
 
     replicated = NamedSharding(trainer.mesh, PartitionSpec())
@@ -204,6 +232,68 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
         donate_argnums=0,
     )
     return _under_rules(trainer, jitted)
+
+
+def _fp8_data_parallel(trainer: Trainer, accumulate: Callable) -> Callable:
+    """`accumulate` run once per data-parallel replica, its gradients summed over `data` by
+    FP8-LM's all-reduce (`jaxllm.precision.fp8_comm`): ``(params, fp8_state, batch, μ) ->
+    (grads, sums, fp8_rec, layer_metrics, overflow fraction)``, the same as `accumulate`'s
+    outputs for the whole batch up to the FP8 rounding of the gradients.
+
+    A `shard_map` manual over `data` only: each replica differentiates the objective of its own
+    rows of the batch, with the other mesh axes (fsdp, tensor) left to GSPMD inside it, placed
+    by the logical-axis rules without `data`. Token sums are summed over the replicas, recorded
+    amaxes maxed, the layers' metrics averaged: a replica counts as a micro-batch does, so
+    batch-statistic auxiliary losses (MoE load balance) see a replica's rows, as they see a
+    micro-batch's. The gradients then go through a nested `shard_map` manual over every other
+    axis, in which each device reduces its own block of each gradient tensor.
+    """
+    mesh = trainer.mesh
+    specs = jax.tree.map(
+        lambda s: s.spec,
+        trainer.state_shardings["params"],
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    # the mesh axes that split each gradient tensor into the blocks the devices hold
+    block_axes = jax.tree.map(
+        lambda sp: tuple(a for d in sp for a in ((d,) if isinstance(d, str) else d or ())),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    others = frozenset(mesh.axis_names) - {"data"}
+    rules = co2_lib.replica_rules(DEFAULT_RULES)
+
+    def reduce(grads, mu):
+        return fp8_psum(grads, mu, "data", block_axes)
+
+    def per_replica(params, fp8_state, batch, mu):
+        abstract = jax.sharding.get_abstract_mesh()  # `data` manual here
+        with use_rules(abstract, rules):
+            grads, sums, fp8_rec, layer_metrics = accumulate(params, fp8_state, batch)
+        grads, overflow = jax.shard_map(
+            reduce,
+            mesh=abstract,
+            in_specs=(specs, PartitionSpec()),
+            out_specs=(specs, PartitionSpec()),
+            axis_names=others,
+            check_vma=False,
+        )(grads, mu)
+        sums = jax.lax.psum(sums, "data")
+        fp8_rec = jax.lax.pmax(fp8_rec, "data")
+        layer_metrics = jax.lax.pmean(layer_metrics, "data")
+        return grads, sums, fp8_rec, layer_metrics, overflow
+
+    # check_vma=False: the gradients are taken per replica (no implicit psum for the replicated
+    # params), and fp8_psum's all-gather leaves its (identical) result typed as varying
+    replicated, rows = PartitionSpec(), PartitionSpec("data")
+    return jax.shard_map(
+        per_replica,
+        mesh=mesh,
+        in_specs=(replicated, replicated, rows, replicated),
+        out_specs=replicated,
+        axis_names={"data"},
+        check_vma=False,
+    )
 
 
 def _make_co2_step(trainer: Trainer):
