@@ -250,8 +250,20 @@ def load_params(path: str | Path, cfg: ModelConfig, *, shardings: dict | None = 
     """The parameter dict of `cfg` from the safetensors in `path`, in `cfg.param_dtype`.
 
     With `shardings` (a dict of `NamedSharding` shaped like the parameters) every array is
-    created directly in its sharding; without, on the default device.
+    created directly in its sharding; without, on the default device. A scanned model
+    (`model.scan_layers`) is read layer by layer, then its layers are stacked: the stacked
+    layers take twice their memory while that runs.
     """
+    plan = models.scan_plan(cfg)
+    if plan is not None:
+        flat = cfg.model_copy(update={"scan_layers": False})
+        if shardings is None:
+            return models.stack_params(load_params(path, flat), plan)
+        per_layer = models.unstack_params(shardings, plan, take=_layer_sharding)
+        stack = jax.jit(
+            lambda p: models.stack_params(p, plan), out_shardings=shardings, donate_argnums=0
+        )
+        return stack(load_params(path, flat, shardings=per_layer))
     tensors = tensor_map(cfg)
     abstract = abstract_params(cfg)
     _check_covers(cfg, tensors, abstract)
@@ -293,6 +305,11 @@ def load_params(path: str | Path, cfg: ModelConfig, *, shardings: dict | None = 
             _set(params, t.path, value)
         ckpt.close_files()
     return params
+
+
+def _layer_sharding(stacked: jax.sharding.NamedSharding, _) -> jax.sharding.NamedSharding:
+    """The sharding of one layer of a stacked parameter: its spec without the layers axis."""
+    return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*stacked.spec[1:]))
 
 
 def _get(tree: dict | None, path: tuple):
@@ -359,6 +376,11 @@ def save_params(
     """Write `params` (jaxllm's parameter dict of `cfg`) as a Hugging Face folder: config.json
     and safetensors shards of at most `max_shard_bytes` (one tensor at a time in host memory).
     `dtype` (default: `cfg.param_dtype`) is the dtype of the written tensors."""
+    plan = models.scan_plan(cfg)
+    if plan is not None:
+        # the stacked layers once on the host; each layer is a view of them
+        params = models.unstack_params({**params, "scan": jax.device_get(params["scan"])}, plan)
+        cfg = cfg.model_copy(update={"scan_layers": False})
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))

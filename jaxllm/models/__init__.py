@@ -5,8 +5,9 @@ from __future__ import annotations
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.decoder import Block, Decoder
+from jaxllm.models.decoder import Block, Decoder, scan_plan
 from jaxllm.models.flops import flops_per_token, param_count
+from jaxllm.models.scan import stack_params, unstack_params
 
 
 def build(model_config: ModelConfig, rngs: nnx.Rngs | int = 0) -> Decoder:
@@ -16,4 +17,13 @@ def build(model_config: ModelConfig, rngs: nnx.Rngs | int = 0) -> Decoder:
     return Decoder(model_config, rngs=rngs)
 
 
-__all__ = ["Block", "Decoder", "build", "flops_per_token", "param_count"]
+__all__ = [
+    "Block",
+    "Decoder",
+    "build",
+    "flops_per_token",
+    "param_count",
+    "scan_plan",
+    "stack_params",
+    "unstack_params",
+]

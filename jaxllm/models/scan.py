@@ -113,8 +113,9 @@ def stack_params(params: dict, plan: ScanPlan | None) -> dict:
     return {k: v for k, v in out.items() if k not in ("blocks", "tail") or v}
 
 
-def unstack_params(params: dict, plan: ScanPlan | None) -> dict:
-    """`plan`'s parameter layout back to an unrolled model's ({"blocks": {i: ...}, ...})."""
+def unstack_params(params: dict, plan: ScanPlan | None, take=lambda x, u: x[u]) -> dict:
+    """`plan`'s parameter layout back to an unrolled model's ({"blocks": {i: ...}, ...});
+    `take(leaf, u)` gives repeat u of a stacked leaf (default: the slice)."""
     if plan is None:
         return params
     out = {k: v for k, v in params.items() if k not in ("blocks", "scan", "tail")}
@@ -123,7 +124,7 @@ def unstack_params(params: dict, plan: ScanPlan | None) -> dict:
         where = plan.where(i)
         if where[0] == "scan":
             _, q, u = where
-            blocks[i] = jax.tree.map(lambda x, u=u: x[u], params["scan"][q])
+            blocks[i] = jax.tree.map(lambda x, u=u: take(x, u), params["scan"][q])
         else:
             blocks[i] = params[where[0]][where[1]]
     out["blocks"] = blocks

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxllm import models
 from jaxllm.interop import hf, hf_config, safetensors
 from jaxllm.parallel.mesh import make_mesh
 
@@ -106,6 +107,30 @@ def test_import_onto_a_mesh_lands_in_the_shardings(expected):
     assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     logits = np.asarray(_forward(model, expected["qwen2_tied_tokens"]))
     np.testing.assert_allclose(logits, expected["qwen2_tied_logits"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama_bf16", "qwen2_tied"])
+def test_a_scanned_model_imports_and_exports(name, expected, tmp_path):
+    """`model.scan_layers`: the layers are read one by one into their slices of the stacked
+    parameters (onto a mesh), and written back out as the unrolled model's tensors."""
+    _, flat = hf.load_pretrained(FIXTURES / name)
+    cfg = flat.model_copy(update={"scan_layers": True})
+    assert models.scan_plan(cfg) is not None
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
+    params = hf.load_params(FIXTURES / name, cfg, shardings=hf.param_shardings(cfg, mesh))
+    wq = params["scan"][0]["mixer"]["wq"]
+    assert wq.shape[0] == cfg.n_layers
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    model = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    logits = np.asarray(_forward(nnx.merge(graphdef, state), expected[f"{name}_tokens"]))
+    np.testing.assert_allclose(logits, expected[f"{name}_logits"], atol=ATOL, rtol=0)
+    hf.save_params(params, cfg, tmp_path)
+    src, out = safetensors.Checkpoint(FIXTURES / name), safetensors.Checkpoint(tmp_path)
+    assert sorted(src.names()) == sorted(out.names())
+    for tensor in src.names():
+        np.testing.assert_array_equal(out.get(tensor), src.get(tensor))
 
 
 def test_decoding_with_the_cache_matches_the_forward(expected):
