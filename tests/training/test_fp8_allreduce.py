@@ -127,13 +127,22 @@ def _first_step(trainer, batch):
     return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("fp8", ["current", "delayed"])
-def test_a_replica_counts_as_a_micro_batch(fp8):
+@pytest.mark.parametrize(
+    ("fp8", "layers"),
+    [
+        ("current", ("model.n_layers=1",)),
+        ("delayed", ("model.n_layers=1",)),
+        ("delayed", ("model.n_layers=2", "model.scan_layers=true")),
+    ],
+    ids=["current", "delayed", "delayed-scanned"],
+)
+def test_a_replica_counts_as_a_micro_batch(fp8, layers):
     """What the step computes besides the gradient (loss, layer-sown aux losses and metrics,
     the MoE router bias's own update, the delayed-FP8 amax histories) is the single-device
     step's with one micro-batch per replica's rows: equal up to float32 rounding. A tiny MoE
-    with load-balancing loss, router z-loss and the aux-loss-free bias, one row per replica."""
-    common = ("model.n_layers=1", "model.ffn=moe", "model.ffns.moe.n_experts=4",
+    with load-balancing loss, router z-loss and the aux-loss-free bias, one row per replica;
+    also with its layers scanned (stacked router biases and FP8 state)."""
+    common = (*layers, "model.ffn=moe", "model.ffns.moe.n_experts=4",
               "model.ffns.moe.impl=dropless", "model.ffns.moe.z_loss=0.001",
               "model.ffns.moe.aux_free_rate=0.01", f"precision.fp8={fp8}")  # fmt: skip
     data_parallel = _trainer(*common, *DP8)
@@ -152,7 +161,8 @@ def test_a_replica_counts_as_a_micro_batch(fp8):
     # the norm is taken after the FP8 all-reduce here and before O1's FP8 cast there: by the
     # triangle inequality they differ by at most the all-reduce's error, ~4% RMS (bound test)
     np.testing.assert_allclose(m_dp["grad_norm"], m_mb["grad_norm"], rtol=0.05)
-    bias = lambda s: s["params"]["blocks"][0]["ffn"]["router_bias"]
+    scanned = "model.scan_layers=true" in layers
+    bias = lambda s: s["params"]["scan" if scanned else "blocks"][0]["ffn"]["router_bias"]
     assert np.any(bias(state_mb) != 0)
     np.testing.assert_allclose(bias(state_dp), bias(state_mb), rtol=1e-5, atol=1e-9)
     if fp8 == "delayed":
