@@ -277,10 +277,8 @@ class MoE(nnx.Module):
     def _local(self, x_TD, routing, recycle_scores_TE, groups, capacity_factor, layer):
         c = self.cfg
         impl = c.impl
-        if impl == "auto":
-            # XLA:GPU lowers ragged_dot to a dense product over every group: use blocks there.
-            fast = "blocked" if jax.default_backend() == "gpu" else "dropless"
-            impl = fast if c.dropless else "capacity"
+        if impl == "auto" and not c.dropless:
+            impl = "capacity"
         if capacity_factor is None:
             if impl == "capacity":
                 raise ValueError("impl=capacity needs capacity_factor > 0")

@@ -197,14 +197,26 @@ def moe_experts(
     routing: Routing,
     groups: list[ExpertGroup],
     *,
-    impl: Literal["reference", "dropless", "blocked", "capacity"] = "dropless",
+    impl: Literal["auto", "reference", "dropless", "blocked", "capacity"] = "dropless",
     slot_TK: jax.Array | None = None,
     capacity: int | None = None,
     dtype=jnp.float32,
 ) -> jax.Array:
     """Dispatcher: [T, D] float32 routed-expert output. `capacity` needs `slot_TK` and
     `capacity` from `apply_capacity` (whose routing also masks the dropped choices, so the
-    reference and dropless paths give the capacity path's result on the same routing)."""
+    reference and dropless paths give the capacity path's result on the same routing).
+    "auto" is dropless, and blocked where the code is lowered for a GPU: XLA:GPU lowers
+    ragged_dot to a dense product over every group. Chosen by the lowering platform, so an
+    ahead-of-time compile for a device traced on a CPU host gets that device's path."""
+    if impl == "auto":
+        return jax.lax.platform_dependent(
+            x_TD,
+            routing,
+            groups,
+            default=lambda x, r, g: experts_dropless(x, r, g, dtype),
+            cuda=lambda x, r, g: experts_blocked(x, r, g, dtype=dtype),
+            rocm=lambda x, r, g: experts_blocked(x, r, g, dtype=dtype),
+        )
     if impl == "reference":
         return experts_reference(x_TD, routing, groups)
     if impl == "dropless":

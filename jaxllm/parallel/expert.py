@@ -84,8 +84,6 @@ def expert_parallel_ffn(
     n_tok_dev = int(np.prod([mesh.shape[a] for a in tok_axes]))
     if x_TD.shape[0] % n_tok_dev:
         raise ValueError(f"{x_TD.shape[0]} tokens do not split over the {n_tok_dev} devices")
-    if a2a == "auto":
-        a2a = "dense" if jax.default_backend() == "cpu" else "ragged"
     if key is None:
         key = jax.random.key(0)
     n_local = [(end - first) // n_dev for first, end in group_bounds(groups)]
@@ -110,11 +108,16 @@ def expert_parallel_ffn(
                 jax.lax.psum(st.dropped * n_valid, tok_axes) / total,
                 jax.lax.psum(st.recycled * n_valid, tok_axes) / total,
             )
-        exchange = _exchange_dense if a2a == "dense" else _exchange_ragged
-        y_TKD = exchange(
-            x_TD.astype(dtype), routing, local_groups, jnp.asarray(owner_np),
-            jnp.asarray(local_np), n_dev, sum(n_local), rows, dtype,
-        )  # fmt: skip
+        static = (n_dev, sum(n_local), rows, dtype)
+        dense = lambda *arrays: _exchange_dense(*arrays, *static)
+        ragged = lambda *arrays: _exchange_ragged(*arrays, *static)
+        arrays = (x_TD.astype(dtype), routing, local_groups, jnp.asarray(owner_np),
+                  jnp.asarray(local_np))  # fmt: skip
+        if a2a == "auto":
+            # by the lowering platform (an AOT compile for TPU is traced on a CPU host)
+            y_TKD = jax.lax.platform_dependent(*arrays, cpu=dense, default=ragged)
+        else:
+            y_TKD = (dense if a2a == "dense" else ragged)(*arrays)
         y_TD = jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)
         return y_TD, stats
 
