@@ -10,10 +10,13 @@ reordered outputs) have no such plan and stay on XLA's dot_general.
 
 On a mesh (under `jaxllm.parallel.rules.use_rules`) the kernel runs inside a `shard_map`:
 XLA cannot partition a Mosaic call itself. Tokens stay split over the batch axes (data, fsdp,
-expert); the weight and every other axis are replicated into the map (XLA gathers the FP8
-weight, as FSDP gathers it anyway; under tensor parallelism each tensor shard computes the
-whole GEMM — correct, not yet split). The weight-gradient GEMM sums over the tokens, so its
-per-shard results are summed with a psum.
+expert); the right operand's columns (N: the output features of the forward, the input
+features of dX, the weight's columns of dW) split over `tensor` when they divide into
+128-wide groups per shard, so each tensor shard computes its slice of every GEMM (a
+column-parallel weight arrives as it lies; a row-parallel one is exchanged all-to-all, no
+more than the all-gather a replicated operand costs). Other axes are replicated into the map
+(XLA gathers the FP8 weight, as FSDP gathers it anyway). The weight-gradient GEMM sums over
+the tokens, so its per-shard results are summed with a psum.
 """
 
 from __future__ import annotations
@@ -122,17 +125,26 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
             axes.append(ax)
             size *= n
     t = tuple(axes) or None
+    # N in 128-wide groups per tensor shard: whole weight blocks of a fine-grained sq, and
+    # kernel tiles that need no padding
+    n_ten = mesh.shape.get("tensor", 1)
+    c = "tensor" if n_ten > 1 and q8.shape[1] % (GROUP * n_ten) == 0 else None
     if inner:  # p8 [K, M], q8 [M, N], sp [K, M/128] | (), sq [M/128, N] | ()
         specs = (
             P(None, t),
-            P(t, None),
+            P(t, c),
             P(None, t) if sp.ndim else P(),
-            P(t, None) if sq.ndim else P(),
+            P(t, c) if sq.ndim else P(),
         )
-        out_spec = P()
-    else:  # p8 [M, K], q8 [K, N], sp [M, K/128] | (), sq replicated
-        specs = (P(t, None), P(), P(t, None) if sp.ndim else P(), P())
-        out_spec = P(t, None)
+        out_spec = P(None, c)
+    else:  # p8 [M, K], q8 [K, N], sp [M, K/128] | (), sq [K/128, N/128 | N] | ()
+        specs = (
+            P(t, None),
+            P(None, c),
+            P(t, None) if sp.ndim else P(),
+            P(None, c) if sq.ndim else P(),
+        )
+        out_spec = P(t, c)
 
     def local(p8, q8, sp, sq):
         y = fp8_matmul(p8, q8, sp, sq, out_dtype=kernel_out)

@@ -1,7 +1,8 @@
 """Ahead-of-time compiles for TPU topologies from this CPU host (marker `tpu_aot`, needs
 libtpu): Mosaic accepts the FP8 GEMM kernel on v5e, v5p and v6e, and a small preset's train
-step with `precision.fp8=current|blockwise precision.fp8_impl=pallas` compiles (on a data × fsdp
-mesh, so the kernels sit in shard_maps) with the kernel in it."""
+step with `precision.fp8=current|blockwise precision.fp8_impl=pallas` compiles (on an fsdp ×
+tensor mesh, so the kernels sit in shard_maps, split over tokens and weight columns) with the
+kernel in it."""
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,7 @@ def test_train_step_with_the_kernel_compiles_for_v5e(mode, monkeypatch):
     overrides = [
         *SMALL,
         "parallel.mesh.fsdp=2",
+        "parallel.mesh.tensor=2",
         f"precision.fp8={mode}",
         "precision.fp8_impl=pallas",
     ]

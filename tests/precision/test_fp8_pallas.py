@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import use_rules
@@ -56,21 +57,37 @@ def test_pallas_matches_xla(mode, eq, x_shape, w_shape):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(jnp.abs(r).max()))
 
 
+def _shard_maps(jaxpr) -> list:
+    """The shard_map equations of a jaxpr, its sub-jaxprs (custom_vjp, pjit) included."""
+    found = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "shard_map":
+            found.append(e)
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            found += _shard_maps(sub)
+    return found
+
+
+@pytest.mark.parametrize("w_spec", [(None, "tensor"), ("tensor", None)], ids=["column", "row"])
 @pytest.mark.parametrize("mode", ["current", "blockwise"])
-def test_pallas_on_a_mesh_matches_xla(mode):
+def test_pallas_on_a_mesh_matches_xla(mode, w_spec):
     """On a mesh the kernel runs in a shard_map: tokens split over data × fsdp (dW summed
-    over them), the weight replicated over tensor. 256 tokens: blockwise's dW groups of 128
-    tokens split over data only."""
+    over them), the right operand's columns over tensor where they make 128-wide groups per
+    shard (here the forward's and dW's 256, not dX's 128), whichever way the weight lies.
+    256 tokens: blockwise's dW groups of 128 tokens split over data only."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
     kx, kw, kd = jax.random.split(jax.random.key(3), 3)
     tokens = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     x = jax.device_put(jax.random.normal(kx, (4, 64, 128)), tokens)
     w = jax.random.normal(kw, (128, 256)) * 0.1
+    w = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*w_spec)))
     dy = jax.device_put(jax.random.normal(kd, (4, 64, 256)), tokens)
     with use_rules(mesh):
         got = _forward_and_grads(mode, "BTD,DF->BTF", x, w, dy, "pallas")
         jaxpr = jax.make_jaxpr(lambda a, b: MODES[mode]("BTD,DF->BTF", a, b, "pallas"))(x, w)
-    assert "shard_map" in str(jaxpr)
+    maps = _shard_maps(jaxpr.jaxpr)[0]
+    assert maps.params["in_specs"][1] == P(None, "tensor")  # the weight's columns split
+    assert maps.params["out_specs"] == (P(("data", "fsdp"), "tensor"),)
     want = _forward_and_grads(mode, "BTD,DF->BTF", x, w, dy, "xla")
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(jnp.abs(r).max()))
