@@ -77,6 +77,21 @@ def map_mesh(mesh: Mesh | AbstractMesh) -> tuple[Mesh | AbstractMesh, tuple[str,
     return context, tuple(a for a in context.axis_names if a not in manual)
 
 
+def avoid_split_gathers() -> bool:
+    """Whether gathers traced here should be given a layout by hand: inside a `shard_map`
+    manual over some axes (the FP8 all-reduce's per-replica one, over `data`) that leaves two
+    or more axes of size > 1 automatic (fsdp × tensor, fsdp × sequence, ...). There XLA's SPMD
+    partitioner aborts on a gather whose operand and indices are split over different ones
+    (a failed check in spmd_partitioner_util.cc, ExpandDeviceGroupsWithIota; jax 0.10 and 0.12):
+    the embedding lookup and the loss's target logits (`jaxllm.models.decoder.embed_lookup`,
+    `jaxllm.training.step.cross_entropy`) then take a layout it partitions."""
+    context = jax.sharding.get_abstract_mesh()
+    if not context.manual_axes:
+        return False
+    manual = set(context.manual_axes)
+    return sum(n > 1 for a, n in context.shape.items() if a not in manual) > 1
+
+
 def spec_for(
     names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
 ) -> PartitionSpec:
