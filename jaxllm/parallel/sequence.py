@@ -100,6 +100,8 @@ def _specs(mesh: Mesh, B: int, H: int, batch_axes: Sequence[str]):
     """(mesh, free axes, batch axes, head axes) of a shard_map traced here (`map_mesh`): only
     axes an outer shard_map left automatic split B and H."""
     mesh, free = map_mesh(mesh)
+    if AXIS not in free:
+        raise ValueError("sequence parallelism cannot run in a shard_map manual over `sequence`")
     b = _axes_for(mesh, [a for a in batch_axes if a in free], B)
     h = _axes_for(mesh, [a for a in ("tensor",) if a in free], H)
     return mesh, free, b, h
