@@ -9,8 +9,7 @@ computes Y and dX with `gmm` and dW with `tgmm`, all three grouped.
 `impl="auto"` picks by lowering platform (`lax.platform_dependent`), so a TPU compile traced
 on a CPU host (AOT) takes megablox. Mosaic kernels cannot be partitioned automatically, so
 "auto" takes megablox only where the call runs unpartitioned: no multi-device mesh active
-(`jaxllm.parallel.rules.use_rules`), or inside a `shard_map` that left no axis of size > 1
-automatic.
+(`jaxllm.parallel.rules.use_rules`), or inside a `shard_map` that made every mesh axis manual.
 `interpret=True` runs megablox's kernels on the CPU, for tests.
 """
 
@@ -67,12 +66,10 @@ def grouped_matmul(
 
 def _unpartitioned() -> bool:
     """Whether this trace runs once per device with nothing left to GSPMD: in a `shard_map`
-    whose automatic axes all have size 1 (the FP8 all-reduce's per-replica map on a mesh of
-    `data` alone), or outside one with no multi-device mesh active."""
+    whose manual axes are all the mesh's, or outside one with no multi-device mesh active."""
     abstract = jax.sharding.get_abstract_mesh()
     if abstract.manual_axes:
-        manual = set(abstract.manual_axes)
-        return all(n == 1 for a, n in abstract.shape.items() if a not in manual)
+        return set(abstract.manual_axes) == set(abstract.axis_names)
     mesh = active_mesh()
     return mesh is None or mesh.size == 1
 

@@ -21,7 +21,7 @@ from jaxllm.parallel.sequence import use_impl
 from jaxllm.precision.fp8_comm import GROWTH_STEPS, MU_HIGH, MU_LOW, OVERFLOW_THRESHOLD
 from jaxllm.training import step as step_lib
 from jaxllm.training.loop import train
-from jaxllm.training.state import Trainer, uses_fp8_allreduce
+from jaxllm.training.state import Model, Trainer, uses_fp8_allreduce
 from tests.helpers import tiny
 from tests.precision.test_fp8_training import _batches
 
@@ -376,6 +376,31 @@ def test_the_gradients_cross_the_wire_as_fp8_bytes(target):
         assert u8("all-gather") >= n_params
     floats = [n for _, t, n in ops if t.startswith(("f", "bf"))]
     assert max(floats) < 200  # 21 tensors' amaxes, a few token sums
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
+@pytest.mark.parametrize(
+    "nest",
+    [
+        ("model.ffn=moe", "model.ffns.moe.n_experts=4", "model.ffns.moe.impl=dropless",
+         "parallel.mesh.expert=2"),
+        ("model.mixer=lightning", "parallel.mesh.sequence=2"),
+        ("parallel.sequence_impl=ulysses", "parallel.mesh.sequence=2"),
+    ],
+    ids=["expert", "lasp2", "ulysses"],
+)  # fmt: skip
+def test_nested_shard_maps_compile_for_tpu(nest):
+    """The expert all-to-all (ragged on TPU) and the sequence exchanges nested in the
+    per-replica map, compiled for a v5e 2x2 (data 2 × expert / sequence 2), with the
+    gradients crossing as FP8 bytes."""
+    cfg = tiny("precision.fp8=current", "parallel.mesh.data=2", "parallel.mesh.fsdp=1", *nest)
+    lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
+    assert uses_fp8_allreduce(cfg, mesh)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(Model.create(cfg).abstract_params))
+    ops = _collectives(lowered.compile().as_text())
+    # a device's block of each gradient tensor crosses in u8 (the experts' are split in two)
+    assert sum(n for o, t, n in ops if o == "all-to-all" and t == "u8") >= n_params // 2
 
 
 @pytest.mark.parametrize(
