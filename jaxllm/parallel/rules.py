@@ -82,9 +82,10 @@ def avoid_split_gathers() -> bool:
     manual over some axes (the FP8 all-reduce's per-replica one, over `data`) that leaves two
     or more axes of size > 1 automatic (fsdp × tensor, fsdp × sequence, ...). There XLA's SPMD
     partitioner aborts on a gather whose operand and indices are split over different ones
-    (a failed check in spmd_partitioner_util.cc, ExpandDeviceGroupsWithIota; jax 0.10 and 0.12):
-    the embedding lookup and the loss's target logits (`jaxllm.models.decoder.embed_lookup`,
-    `jaxllm.training.step.cross_entropy`) then take a layout it partitions."""
+    (a failed check in spmd_partitioner_util.cc, ExpandDeviceGroupsWithIota): the embedding
+    lookup and the loss's target logits (`jaxllm.models.decoder.embed_lookup`,
+    `jaxllm.training.step.cross_entropy`) then take a layout it partitions. Enough with jax
+    0.10.2; with 0.12 data × fsdp × tensor still aborts in the same check."""
     context = jax.sharding.get_abstract_mesh()
     if not context.manual_axes:
         return False
