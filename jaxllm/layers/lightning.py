@@ -144,7 +144,9 @@ class LightningConfig(LayerConfig):
         "Lightning Attention / scaling-law TNL: 12ld² + 2ld²/h parameters)",
     )
     chunk_size: int | None = Field(None, ge=1, description="lightning attention chunk")
-    impl: Literal["auto", "reference", "xla"] = "auto"
+    impl: Literal["auto", "reference", "xla", "pallas"] = Field(
+        "auto", description="the lightning op's (auto: the Pallas kernel on TPU / GPU, else xla)"
+    )
 
 
 @register_mixer("lightning", LightningConfig)
@@ -248,7 +250,9 @@ class CosFormer2Config(LayerConfig):
     )
     gate_rank: int | None = Field(None, ge=1, description="output gate bottleneck; None = K")
     chunk_size: int | None = Field(None, ge=1)
-    impl: Literal["auto", "reference", "xla"] = "auto"
+    impl: Literal["auto", "reference", "xla", "pallas"] = Field(
+        "auto", description="the lightning op's (auto: the Pallas kernel on TPU / GPU, else xla)"
+    )
 
 
 @register_mixer("cosformer2", CosFormer2Config)

@@ -16,7 +16,7 @@ from jaxllm.layers.base import DIM_FIELDS, LAYER_INPUT, cast, param, tag
 from jaxllm.layers.norms import RMSNorm
 from jaxllm.layers.srms import SRMSNorm
 from jaxllm.models.scan import ScanPlan, plan_layers, stack_modules
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.rules import avoid_split_gathers, constrain
 
 _ACT = ("batch", "length", "act_embed")
 # Entries of the blocks' `carry` that no layer writes: the same for every layer.
@@ -65,6 +65,17 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 def _declares(layer: nnx.Module, flag: str) -> bool:
     return bool(getattr(type(layer), flag, False))
+
+
+def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """[B, T, D]: the table's rows of the tokens. Where XLA cannot partition the gather
+    (`avoid_split_gathers`: inside the FP8 all-reduce's per-replica map with two split axes
+    left) every device takes all of the slice's tokens and its block of the table's D
+    ("embed", as the table is split); the activation constraint after it reshards."""
+    if avoid_split_gathers():
+        tokens_BT = constrain(tokens_BT, (None, None))
+        return constrain(jnp.take(table_VD, tokens_BT, axis=0), (None, None, "embed"))
+    return jnp.take(table_VD, tokens_BT, axis=0)
 
 
 class Block(nnx.Module):
@@ -188,7 +199,7 @@ class Decoder(nnx.Module):
             # A scanned first block's counter is stacked over its repeats (all equal).
             start = end if jnp.ndim(end) == 0 else end[0]
             positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        x_BTD = jnp.take(cast(self.embed, dt), tokens_BT, axis=0)
+        x_BTD = embed_lookup(cast(self.embed, dt), tokens_BT)
         if cfg.scale_embedding:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model**0.5, dt)
         x_BTD = constrain(x_BTD, _ACT)

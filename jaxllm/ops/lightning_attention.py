@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.parallel.rules import active_mesh, map_mesh
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 # Measured fwd+bwd on an H100 (B2 H16 K=V=128, bf16 in, T 8K/32K): C=128 is 1.3x faster than
@@ -231,18 +231,25 @@ def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
     """fn(q, k, v, g_H, S0[, segment_ids]) → (o, S), a Pallas call, once per device.
 
     XLA cannot partition a Mosaic (or Triton) custom call, so when a mesh is active (under
-    `use_rules`) and no `shard_map` has made its axes manual yet, fn runs inside one: batch rows
-    split over the token axes, heads over `tensor` (rows and heads are independent; each split
-    only where it divides the dim). Otherwise fn is called as it is.
+    `use_rules`) fn runs inside a `shard_map` over the axes no enclosing one has made manual
+    (`map_mesh`: all of them at the top level; inside the FP8 all-reduce's per-replica map,
+    all but `data`): batch rows split over the token axes, heads over `tensor` (rows and heads
+    are independent; each split only where it divides the dim). Where no axis of size > 1 is
+    left automatic (no mesh, or inside sequence parallelism's map) fn is called as it is.
     """
     mesh = active_mesh()
     args = (q, k, v, g_H, S0_BHKV) + (() if segment_ids is None else (segment_ids,))
-    if mesh is None or mesh.size == 1 or jax.sharding.get_abstract_mesh().manual_axes:
+    mesh, free = (None, ()) if mesh is None else map_mesh(mesh)
+    if all(mesh.shape[a] == 1 for a in free):
         return fn(*args)
-    b, h = _axes(mesh, TOKEN_AXES, q.shape[0]), _axes(mesh, ("tensor",), q.shape[2])
+    tokens = [a for a in TOKEN_AXES if a in free]
+    b, h = _axes(mesh, tokens, q.shape[0]), _axes(mesh, [a for a in ("tensor",) if a in free],
+                                                 q.shape[2])  # fmt: skip
     x, s = P(b, None, h, None), P(b, h, None, None)
     specs = (x, x, x, P(h), s, P(b, None))[: len(args)]
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(x, s), check_vma=False)(*args)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=specs, out_specs=(x, s), axis_names=set(free), check_vma=False
+    )(*args)
 
 
 def lightning_attention(

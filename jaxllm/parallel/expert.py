@@ -14,7 +14,10 @@ balancing losses see the global batch). Inside the shard_map, per device:
      (`jaxllm.ops.moe.grouped_swiglu`), then the rows go back the same way and are combined.
 
 Token axes ("data", "fsdp", "expert") are manual in the shard_map; "tensor" stays automatic,
-so the experts' F dim may be tensor-sharded by the partitioner around it.
+so the experts' F dim may be tensor-sharded by the partitioner around it. Nested in a shard_map
+that has made some token axes manual already (the train step's per-replica one, over `data`),
+it splits over the remaining ones: the exchange and the capacity statistics then see one
+replica's tokens, exactly as the model alone on that replica's devices would.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops.moe import ExpertGroup, group_bounds, grouped_swiglu, inverse_permutation
 from jaxllm.ops.moe_routing import CapacityStats, Routing, apply_capacity, capacity_for
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.parallel.rules import active_mesh, map_mesh
 
 AXIS = "expert"
 TOKEN_AXES = ("data", "fsdp", "expert")
@@ -80,7 +83,12 @@ def expert_parallel_ffn(
     n_dev = mesh.shape[AXIS]
     n_experts = group_bounds(groups)[-1][1]
     owner_np, local_np = expert_tables(groups, n_dev)
-    tok_axes = tuple(a for a in TOKEN_AXES if a in mesh.shape)
+    # inside an outer shard_map (the FP8 all-reduce's, manual over `data`) x_TD holds one
+    # replica's tokens: split over the other token axes, capacity stats psum'd within it
+    mesh, free = map_mesh(mesh)
+    if AXIS not in free:
+        raise ValueError("expert parallelism cannot run inside a shard_map manual over `expert`")
+    tok_axes = tuple(a for a in TOKEN_AXES if a in free)
     n_tok_dev = int(np.prod([mesh.shape[a] for a in tok_axes]))
     if x_TD.shape[0] % n_tok_dev:
         raise ValueError(f"{x_TD.shape[0]} tokens do not split over the {n_tok_dev} devices")

@@ -14,7 +14,7 @@ import contextvars
 from collections.abc import Iterator, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -60,6 +60,37 @@ def active_mesh() -> Mesh | None:
     """The mesh of the enclosing `use_rules` block (None outside one)."""
     active = _ACTIVE.get()
     return None if active is None else active[0]
+
+
+def map_mesh(mesh: Mesh | AbstractMesh) -> tuple[Mesh | AbstractMesh, tuple[str, ...]]:
+    """(the mesh to build a `shard_map` traced here on, its axes that map may make manual).
+
+    At the top level: `mesh` and all its axes. Inside a `shard_map` (the train step's
+    per-replica one is manual over `data`): the context's abstract mesh, which records the
+    manual axes, and only the axes still automatic. A nested map splits over those alone, so
+    its collectives stay within one slice of the outer map (one data replica's rows).
+    """
+    context = jax.sharding.get_abstract_mesh()
+    if not context.manual_axes:
+        return mesh, tuple(mesh.axis_names)
+    manual = set(context.manual_axes)
+    return context, tuple(a for a in context.axis_names if a not in manual)
+
+
+def avoid_split_gathers() -> bool:
+    """Whether gathers traced here should be given a layout by hand: inside a `shard_map`
+    manual over some axes (the FP8 all-reduce's per-replica one, over `data`) that leaves two
+    or more axes of size > 1 automatic (fsdp × tensor, fsdp × sequence, ...). There XLA's SPMD
+    partitioner aborts on a gather whose operand and indices are split over different ones
+    (a failed check in spmd_partitioner_util.cc, ExpandDeviceGroupsWithIota): the embedding
+    lookup and the loss's target logits (`jaxllm.models.decoder.embed_lookup`,
+    `jaxllm.training.step.cross_entropy`) then take a layout it partitions. Enough with jax
+    0.10.2; with 0.12 data × fsdp × tensor still aborts in the same check."""
+    context = jax.sharding.get_abstract_mesh()
+    if not context.manual_axes:
+        return False
+    manual = set(context.manual_axes)
+    return sum(n > 1 for a, n in context.shape.items() if a not in manual) > 1
 
 
 def spec_for(

@@ -26,6 +26,9 @@ Softmax attention:
 
 Every function takes global arrays (inside `jit`) and the mesh; the batch dim is split over
 `batch_axes` present in the mesh, heads over `tensor`. `shard_map` runs with `check_vma=True`.
+Inside a shard_map already manual over some batch axes (the train step's per-replica one, over
+`data`) the arrays are that slice's rows and only the remaining axes split them; the exchanges
+run over `sequence` alone either way, so each row's shards see the same states and keys.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from jaxllm.ops.attention import attention
 from jaxllm.ops.gated_linear_attention import gated_linear_attention, reset_log_gate
 from jaxllm.ops.lightning_attention import lightning_attention
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.parallel.rules import active_mesh, map_mesh
 
 AXIS = "sequence"
 LINEAR_IMPLS = ("lasp2", "lasp1")
@@ -94,9 +97,14 @@ def _axes_for(mesh: Mesh, names: Sequence[str], dim: int) -> tuple[str, ...] | N
 
 
 def _specs(mesh: Mesh, B: int, H: int, batch_axes: Sequence[str]):
-    b = _axes_for(mesh, batch_axes, B)
-    h = _axes_for(mesh, ("tensor",), H)
-    return b, h
+    """(mesh, free axes, batch axes, head axes) of a shard_map traced here (`map_mesh`): only
+    axes an outer shard_map left automatic split B and H."""
+    mesh, free = map_mesh(mesh)
+    if AXIS not in free:
+        raise ValueError("sequence parallelism cannot run in a shard_map manual over `sequence`")
+    b = _axes_for(mesh, [a for a in batch_axes if a in free], B)
+    h = _axes_for(mesh, [a for a in ("tensor",) if a in free], H)
+    return mesh, free, b, h
 
 
 def _shards(mesh: Mesh, T: int) -> int:
@@ -167,7 +175,7 @@ def _linear_sp(local_fn, q, k, v, decay, seg, *, mesh, impl, batch_axes, decay_s
         raise ValueError(f"impl must be one of {LINEAR_IMPLS}, got {impl!r}")
     B, T, H, _ = q.shape
     n = _shards(mesh, T)
-    b, h = _specs(mesh, B, H, batch_axes)
+    mesh, free, b, h = _specs(mesh, B, H, batch_axes)
     x_spec = P(b, AXIS, h, None)
 
     def body(q, k, v, decay, seg):
@@ -188,6 +196,7 @@ def _linear_sp(local_fn, q, k, v, decay, seg, *, mesh, impl, batch_axes, decay_s
         mesh=mesh,
         in_specs=(x_spec, x_spec, x_spec, decay_spec(b, h), None if seg is None else P(b, AXIS)),
         out_specs=x_spec,
+        axis_names=set(free),
         check_vma=True,
     )
     return fn(q, k, v, decay, seg)
@@ -298,7 +307,7 @@ def attention_sp(
             G = H
         if H % n:
             raise ValueError(f"ulysses needs the {H} heads divisible by the {n} shards")
-    b, h = _specs(mesh, B, G, batch_axes)
+    mesh, free, b, h = _specs(mesh, B, G, batch_axes)
     x_spec, t_spec = P(b, AXIS, h, None), P(b, AXIS)
 
     def gathered(q, k, v, seg, idx):
@@ -324,6 +333,7 @@ def attention_sp(
         mesh=mesh,
         in_specs=(x_spec, x_spec, x_spec, t_spec, t_spec),
         out_specs=x_spec,
+        axis_names=set(free),
         check_vma=True,
     )
     o = fn(q_BTHK, k_BTGK, v_BTGV, seg, idx)

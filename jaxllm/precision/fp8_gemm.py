@@ -16,7 +16,10 @@ features of dX, the weight's columns of dW) split over `tensor` when they divide
 column-parallel weight arrives as it lies; a row-parallel one is exchanged all-to-all, no
 more than the all-gather a replicated operand costs). Other axes are replicated into the map
 (XLA gathers the FP8 weight, as FSDP gathers it anyway). The weight-gradient GEMM sums over
-the tokens, so its per-shard results are summed with a psum.
+the tokens, so its per-shard results are summed with a psum. Inside a `shard_map` that made
+some axes manual already (the FP8 all-reduce's per-replica one, over `data`) the map nests,
+over the axes still automatic there; where none is left (or each has size 1) the kernel is
+called as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.parallel.rules import active_mesh, map_mesh
 from jaxllm.precision import einsum as es
 from kernels_pallas.fp8_matmul import fp8_matmul
 
@@ -113,13 +116,16 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
         else jnp.dtype(jnp.float32)  # a psum of partial sums runs in float32
     )
     mesh = active_mesh()
-    if mesh is None or mesh.size == 1:
+    # nested in a shard_map (the FP8 all-reduce's per-replica one, manual over `data`), the
+    # map splits over the axes still automatic there: the tokens it sees are that slice's
+    mesh, free = (None, ()) if mesh is None else map_mesh(mesh)
+    if all(mesh.shape[a] == 1 for a in free):
         return fp8_matmul(p8, q8, sp, sq, out_dtype=kernel_out).astype(out_dtype)
     n_tok = p8.shape[1] if inner else p8.shape[0]
     # whole scale groups per shard when the scales run along the tokens (dW, fine-grained)
     unit = GROUP if inner and sp.ndim == 2 else 1
     axes, size = [], 1
-    for ax in TOKEN_AXES:
+    for ax in (a for a in TOKEN_AXES if a in free):
         n = mesh.shape.get(ax, 1)
         if n > 1 and n_tok % (unit * size * n) == 0:
             axes.append(ax)
@@ -127,7 +133,7 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
     t = tuple(axes) or None
     # N in 128-wide groups per tensor shard: whole weight blocks of a fine-grained sq, and
     # kernel tiles that need no padding
-    n_ten = mesh.shape.get("tensor", 1)
+    n_ten = mesh.shape["tensor"] if "tensor" in free else 1
     c = "tensor" if n_ten > 1 and q8.shape[1] % (GROUP * n_ten) == 0 else None
     if inner:  # p8 [K, M], q8 [M, N], sp [K, M/128] | (), sq [M/128, N] | ()
         specs = (
@@ -150,5 +156,8 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
         y = fp8_matmul(p8, q8, sp, sq, out_dtype=kernel_out)
         return jax.lax.psum(y, t) if inner and t else y
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=specs, out_specs=out_spec, axis_names=set(free),
+        check_vma=False,
+    )  # fmt: skip
     return fn(p8, q8, sp, sq).astype(out_dtype)

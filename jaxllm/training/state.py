@@ -188,18 +188,13 @@ class Trainer:
 def uses_fp8_allreduce(cfg: Config, mesh: Mesh) -> bool:
     """Whether the train step reduces the gradients over `data` with FP8-LM's all-reduce
     (`jaxllm.precision.fp8_comm`): FP8 training (levels O1 and O2) on more than one
-    data-parallel replica. Not with CO2, whose replicas exchange parameters, not gradients.
-    Not yet where a `shard_map` of the model would nest inside the step's per-replica one and
-    split tokens over `data` again (expert or sequence parallelism, the Pallas FP8 GEMM): there
-    GSPMD reduces the gradients in float32, as without FP8."""
+    data-parallel replica, whatever the other axes: the model's own `shard_map`s (expert and
+    sequence parallelism, the Pallas FP8 GEMM and lightning kernels) nest inside the step's
+    per-replica one, over the axes other than `data` (`jaxllm.parallel.rules.map_mesh`). Not
+    with CO2: there is no gradient all-reduce to replace, its replicas take τ local steps on
+    their own parameters and exchange those (`jaxllm.optim.co2`), with GSPMD."""
     p = cfg.precision
-    return (
-        p.fp8 != "none"
-        and mesh.shape.get("data", 1) > 1
-        and not cfg.optim.co2.enabled
-        and p.fp8_impl == "xla"
-        and all(mesh.shape.get(a, 1) == 1 for a in ("expert", "sequence"))
-    )
+    return p.fp8 != "none" and mesh.shape.get("data", 1) > 1 and not cfg.optim.co2.enabled
 
 
 def delayed_fp8_state(cfg: Config, model: Model) -> dict:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.optim import co2 as co2_lib
-from jaxllm.parallel.rules import DEFAULT_RULES, use_rules
+from jaxllm.parallel.rules import DEFAULT_RULES, avoid_split_gathers, use_rules
 from jaxllm.parallel.sequence import use_impl
 from jaxllm.precision import PrecisionSpec, update_delayed_state, use_precision
 from jaxllm.precision.fp8_comm import fp8_psum, update_mu
@@ -30,7 +30,12 @@ def cross_entropy(
     """(sum of masked token losses, sum of masked log(Z)²), in float32."""
     logits = logits_BTV.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    if avoid_split_gathers():
+        # a one-hot sum (exact: one term) where XLA cannot partition the gather
+        hot = jax.nn.one_hot(targets_BT, logits.shape[-1], dtype=logits.dtype)
+        target_logit = jnp.sum(logits * hot, axis=-1)
+    else:
+        target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
     nll = (log_z - target_logit) * mask_BT
     z = jnp.square(log_z) * mask_BT
     return jnp.sum(nll) + z_loss * jnp.sum(z), jnp.sum(z)

@@ -141,3 +141,25 @@ def test_tnl_train_step_uses_the_packed_kernel():
     calls = [line for line in lowered.compile().as_text().splitlines() if MOSAIC in line]
     assert len(calls) == 3 * cfg.model.n_layers
     assert all("s32[" in line for line in calls)
+
+
+def test_tnl_train_step_with_the_fp8_allreduce_nests_the_kernel():
+    """The same step with FP8 training on data 2 × fsdp 2: the gradients are reduced by the
+    FP8 all-reduce, in whose per-replica shard_map (manual over `data`) every lightning
+    layer's kernel runs in a nested one over fsdp — the Mosaic calls see one device's rows."""
+    from jaxllm.training.state import uses_fp8_allreduce
+
+    cfg = config.load("tnl-tiny", ["model.n_layers=2", "precision.fp8=current",
+                                   "parallel.mesh.data=2", "parallel.mesh.fsdp=2"])  # fmt: skip
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
+    assert uses_fp8_allreduce(cfg, mesh)
+    hlo = lowered.compile().as_text()
+    calls = [line for line in hlo.splitlines() if MOSAIC in line]
+    assert len(calls) == 3 * cfg.model.n_layers
+    rows = cfg.data.batch_size // 4  # of 16: 8 a replica, 4 a device
+    for line in calls:
+        firsts = {int(n) for n in re.findall(r"(?:bf16|f32)\[(\d+),\d+,\d+,\d+\]", line)}
+        assert firsts == {rows}, line
+    # the FP8 gradient payload
+    assert any("all-to-all" in line and "u8[" in line for line in hlo.splitlines())

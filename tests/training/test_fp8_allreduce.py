@@ -1,7 +1,8 @@
 """The train step's FP8-LM gradient all-reduce on 8 CPU devices: the reduced gradient against
 the exact sum, μ's rule step by step, everything else the step computes against one
-micro-batch per replica, loss curves against bfloat16, bit-exact resume, and the layouts that
-keep GSPMD's float32 reduction."""
+micro-batch per replica, loss curves against bfloat16, bit-exact resume, the layouts whose
+model shard_maps nest in the per-replica one, and the runs that keep GSPMD's float32
+reduction."""
 
 import json
 import math
@@ -16,15 +17,17 @@ import pytest
 from jaxllm import compile as aot
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.sequence import use_impl
 from jaxllm.precision.fp8_comm import GROWTH_STEPS, MU_HIGH, MU_LOW, OVERFLOW_THRESHOLD
 from jaxllm.training import step as step_lib
 from jaxllm.training.loop import train
-from jaxllm.training.state import Trainer, uses_fp8_allreduce
+from jaxllm.training.state import Model, Trainer, uses_fp8_allreduce
 from tests.helpers import tiny
 from tests.precision.test_fp8_training import _batches
 
 DP8 = ("parallel.mesh.data=8",)
 # 16 rows: a micro-batch of a replica holds whole rows for each fsdp shard (check_batch_layout)
+DP2_FSDP2_TP2 = ("parallel.mesh.data=2", "parallel.mesh.fsdp=2", "parallel.mesh.tensor=2")
 DP4_FSDP2_MICRO2 = (
     "parallel.mesh.data=4",
     "parallel.mesh.fsdp=2",
@@ -38,7 +41,15 @@ def _trainer(*overrides):
     return Trainer.create(cfg, make_mesh(cfg.parallel.mesh.resolve(jax.device_count())))
 
 
-@pytest.mark.parametrize("layout", [DP8, DP4_FSDP2_MICRO2], ids=["data8", "data4-fsdp2-micro2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        DP8,
+        DP4_FSDP2_MICRO2,
+        pytest.param(DP2_FSDP2_TP2, marks=pytest.mark.slow),
+    ],
+    ids=["data8", "data4-fsdp2-micro2", "data2-fsdp2-tensor2"],
+)
 def test_reduced_gradient_is_the_sum_within_the_e4m3_bound(layout):
     """No FP8 in the forward (the per-replica gradients are exact float32), so the only error
     is the all-reduce's. In units of one payload step u = N·amax/(448·μ), replica i sends
@@ -46,18 +57,26 @@ def test_reduced_gradient_is_the_sum_within_the_e4m3_bound(layout):
     bits; 2^-10 below the normals); the exact float32 sum T of the q_i, |T| ≤ 448 for μ ≤ 1
     (no saturation), is rounded to E4M3 once more. So, elementwise,
         |reduced − Σ g_i| ≤ (2^-3 + 2^-8)·Σ|g_i| + (1.0625·N + 1)·2^-10·u,
-    plus float32 slack (1e-5·Σ|g_i|) for the replicas' own summation order."""
-    trainer = _trainer(*layout)
+    plus float32 slack (1e-5·Σ|g_i|) for the replicas' own summation order. data × fsdp ×
+    tensor: two split axes left in the per-replica map (`avoid_split_gathers`)."""
+    _check_reduced_gradient(_trainer(*layout), mus=(0.5, 1.0))
+
+
+def _check_reduced_gradient(trainer, mus=(1.0,)):
+    """The step's FP8-reduced gradient against the float64 sum of each replica's gradient of
+    its own rows, computed alone (no mesh rules: no shard_map of the model, plain ops), within
+    the bound above; the token sums equal. Returns the traced program's jaxpr."""
     n = trainer.mesh.shape["data"]
     accumulate = step_lib._accumulator(trainer)
     reduced = jax.jit(step_lib._fp8_data_parallel(trainer, accumulate))
-    params = trainer.init_state(0)["params"]
+    state = trainer.init_state(0)
+    params, fp8_state = state["params"], state.get("fp8_state")
     batch = next(_batches(1, b=trainer.cfg.data.batch_size, vocab=260, seed=3))
     rows = trainer.cfg.data.batch_size // n
     # each replica's gradient on its own rows (the batch is split over `data` first)
     per_replica = [
         jax.jit(accumulate)(
-            params, None, {k: v[r * rows : (r + 1) * rows] for k, v in batch.items()}
+            params, fp8_state, {k: v[r * rows : (r + 1) * rows] for k, v in batch.items()}
         )
         for r in range(n)
     ]
@@ -67,12 +86,16 @@ def test_reduced_gradient_is_the_sum_within_the_e4m3_bound(layout):
                         *[p[0] for p in per_replica])  # fmt: skip
     amax = jax.tree.map(lambda *g: max(float(jnp.max(jnp.abs(x))) for x in g),
                         *[p[0] for p in per_replica])  # fmt: skip
-    for mu in (0.5, 1.0):
-        with use_rules(trainer.mesh):
-            got, sums, fp8_rec, _, overflow = reduced(
-                params, None, jax.device_put(batch, trainer.batch_sharding), jnp.float32(mu)
+    sharded = jax.device_put(batch, trainer.batch_sharding)
+    jaxpr = None
+    for mu in mus:
+        with use_rules(trainer.mesh), use_impl(trainer.cfg.parallel.sequence_impl):
+            traced = reduced.trace(params, fp8_state, sharded, jnp.float32(mu))
+            got, sums, _, _, overflow = traced.lower().compile()(
+                params, fp8_state, sharded, jnp.float32(mu)
             )
-        assert fp8_rec is None and float(overflow) == 0.0
+        jaxpr = traced.jaxpr
+        assert float(overflow) == 0.0
         want_nll = sum(float(p[1]["nll"]) for p in per_replica)
         assert float(sums["nll"]) == pytest.approx(want_nll, rel=1e-5)
         errs, norms = [], []
@@ -87,6 +110,68 @@ def test_reduced_gradient_is_the_sum_within_the_e4m3_bound(layout):
         rel = float(np.sqrt(sum(errs) / sum(norms)))
         # two E4M3 roundings of ~2-3% RMS each; 0 would mean no FP8 was involved
         assert 0.005 < rel < 0.08, (mu, rel)
+    return jaxpr
+
+
+# the model's own shard_maps, nested in the per-replica one over `data` (parallel.rules.map_mesh)
+NESTED = {
+    "expert": ("model.ffn=moe", "model.ffns.moe.n_experts=4", "model.ffns.moe.impl=dropless",
+               "parallel.mesh.data=2", "parallel.mesh.expert=4", "parallel.mesh.fsdp=1"),
+    "lasp2": ("model.mixer=lightning", "parallel.sequence_impl=lasp2", "parallel.mesh.data=2",
+              "parallel.mesh.sequence=4", "parallel.mesh.fsdp=1"),
+    "allgather": ("parallel.sequence_impl=allgather", "parallel.mesh.data=2",
+                  "parallel.mesh.sequence=2", "parallel.mesh.fsdp=2"),
+    "ulysses": ("parallel.sequence_impl=ulysses", "model.n_kv_heads=4", "parallel.mesh.data=2",
+                "parallel.mesh.sequence=4", "parallel.mesh.fsdp=1"),
+    "fp8-pallas": ("precision.fp8_impl=pallas", "parallel.mesh.data=2", "parallel.mesh.fsdp=4"),
+    "lightning-pallas": ("model.mixer=lightning", "model.mixers.lightning.impl=pallas",
+                         "parallel.mesh.data=2", "parallel.mesh.fsdp=4"),
+}  # fmt: skip
+# what runs inside the nested map: the all-to-all of the experts, the sequence exchanges, the
+# kernels (interpreted on the CPU)
+NESTED_OP = {"expert": "all_to_all", "lasp2": "all_gather", "allgather": "all_gather",
+             "ulysses": "all_to_all", "fp8-pallas": "pallas_call",
+             "lightning-pallas": "pallas_call"}  # fmt: skip
+
+
+@pytest.mark.slow  # ~30 s each on two CPU cores
+@pytest.mark.parametrize("case", list(NESTED))
+def test_nested_shard_maps_reduce_in_fp8(case):
+    """The layouts that used to fall back to GSPMD's float32 reduction: FP8 training
+    (current scaling, one layer) on data = 2 × another axis reduces in FP8. The model's
+    shard_map nests in the per-replica one, splitting a replica's rows (or tokens, or heads)
+    over the other axis, and the FP8-reduced gradient is the sum of what each replica's rows
+    give alone (plain ops, no mesh) within the all-reduce's E4M3 bound."""
+    cfg = tiny("precision.fp8=current", "model.n_layers=1", *NESTED[case])
+    mesh = make_mesh(cfg.parallel.mesh.resolve(jax.device_count()))
+    assert uses_fp8_allreduce(cfg, mesh)
+    if case == "expert":
+        # no FP8 in the forward here: the experts' current scaling takes the amax of the rows
+        # a device receives under expert parallelism, of all the replica's rows without it
+        cfg = tiny("model.n_layers=1", *NESTED[case])
+    trainer = Trainer.create(cfg, mesh)
+    jaxpr = _check_reduced_gradient(trainer)
+    # inside the per-replica map, besides the all-reduce's own map (its last equation that is
+    # one): the model's, manual over other axes than `data`, with its op in it
+    (outer,) = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+    assert set(outer.params["newly_manual_axes"]) == {"data"}
+    body = outer.params["jaxpr"]
+    reduce = [e for e in body.eqns if e.primitive.name == "shard_map"][-1]
+    nested = [e for e in _eqns(body) if e.primitive.name == "shard_map" and e is not reduce]
+    assert nested and all("data" not in e.params["newly_manual_axes"] for e in nested)
+    ops = {x.primitive.name for e in nested for x in _eqns(e.params["jaxpr"])}
+    assert NESTED_OP[case] in ops, sorted(ops)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of the jaxprs in its equations' params included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from _eqns(sub)
 
 
 def test_mu_halves_after_an_overflow_step_and_grows_otherwise():
@@ -293,6 +378,31 @@ def test_the_gradients_cross_the_wire_as_fp8_bytes(target):
     assert max(floats) < 200  # 21 tensors' amaxes, a few token sums
 
 
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
+@pytest.mark.parametrize(
+    "nest",
+    [
+        ("model.ffn=moe", "model.ffns.moe.n_experts=4", "model.ffns.moe.impl=dropless",
+         "parallel.mesh.expert=2"),
+        ("model.mixer=lightning", "parallel.mesh.sequence=2"),
+        ("parallel.sequence_impl=ulysses", "parallel.mesh.sequence=2"),
+    ],
+    ids=["expert", "lasp2", "ulysses"],
+)  # fmt: skip
+def test_nested_shard_maps_compile_for_tpu(nest):
+    """The expert all-to-all (ragged on TPU) and the sequence exchanges nested in the
+    per-replica map, compiled for a v5e 2x2 (data 2 × expert / sequence 2), with the
+    gradients crossing as FP8 bytes."""
+    cfg = tiny("precision.fp8=current", "parallel.mesh.data=2", "parallel.mesh.fsdp=1", *nest)
+    lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
+    assert uses_fp8_allreduce(cfg, mesh)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(Model.create(cfg).abstract_params))
+    ops = _collectives(lowered.compile().as_text())
+    # a device's block of each gradient tensor crosses in u8 (the experts' are split in two)
+    assert sum(n for o, t, n in ops if o == "all-to-all" and t == "u8") >= n_params // 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "used"),
     [
@@ -301,8 +411,10 @@ def test_the_gradients_cross_the_wire_as_fp8_bytes(target):
           "parallel.mesh.tensor=2"), True),
         (("precision.fp8=none", *DP8), False),
         (("precision.fp8=current", "parallel.mesh.data=1", "parallel.mesh.fsdp=8"), False),
-        (("precision.fp8=current", "precision.fp8_impl=pallas", *DP8), False),
-        (("precision.fp8=current", "parallel.mesh.data=4", "parallel.mesh.sequence=2"), False),
+        (("precision.fp8=current", "precision.fp8_impl=pallas", *DP8), True),
+        (("precision.fp8=current", "parallel.mesh.data=4", "parallel.mesh.sequence=2"), True),
+        (("precision.fp8=current", "model.ffn=moe", "model.ffns.moe.n_experts=4",
+          "parallel.mesh.data=2", "parallel.mesh.expert=4", "parallel.mesh.fsdp=1"), True),
         (("precision.fp8=current", "optim.co2.enabled=true", "optim.co2.local_steps=2",
           "train.steps=4", *DP8), False),
     ],
