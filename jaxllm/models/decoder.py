@@ -70,10 +70,13 @@ def _declares(layer: nnx.Module, flag: str) -> bool:
 def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     """[B, T, D]: the table's rows of the tokens. Where XLA cannot partition the gather
     (`avoid_split_gathers`: inside the FP8 all-reduce's per-replica map with two split axes
-    left) every device takes all of the slice's tokens and its block of the table's D
-    ("embed", as the table is split); the activation constraint after it reshards."""
+    left) every device takes all of the slice's tokens from its block of the table's D
+    ("embed") with the whole vocabulary (a table split over V, "vocab" → tensor, makes the
+    partitioner all-reduce the gathered slices, where jax 0.12's XLA aborts); the activation
+    constraint after it reshards."""
     if avoid_split_gathers():
         tokens_BT = constrain(tokens_BT, (None, None))
+        table_VD = constrain(table_VD, (None, "embed"))
         return constrain(jnp.take(table_VD, tokens_BT, axis=0), (None, None, "embed"))
     return jnp.take(table_VD, tokens_BT, axis=0)
 

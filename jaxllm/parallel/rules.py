@@ -84,8 +84,8 @@ def avoid_split_gathers() -> bool:
     partitioner aborts on a gather whose operand and indices are split over different ones
     (a failed check in spmd_partitioner_util.cc, ExpandDeviceGroupsWithIota): the embedding
     lookup and the loss's target logits (`jaxllm.models.decoder.embed_lookup`,
-    `jaxllm.training.step.cross_entropy`) then take a layout it partitions. Enough with jax
-    0.10.2; with 0.12 data × fsdp × tensor still aborts in the same check."""
+    `jaxllm.training.step.cross_entropy`) then take a layout it partitions (checked with jax
+    0.10.2 and 0.12: data × fsdp × tensor, data × fsdp × sequence)."""
     context = jax.sharding.get_abstract_mesh()
     if not context.manual_axes:
         return False
