@@ -220,7 +220,71 @@ _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\{$")
 _WHILE = re.compile(r"\bwhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
 _CALLED = re.compile(r"\b(?:calls|to_apply|branch_computations|called_computations)=\{?([^}]*)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_LT_CONSTANT = re.compile(r"constant\((\d+)\)")
+
+
+@dataclass
+class HloModuleText:
+    """A compiled module's text (`compiled.as_text()`) cut into its computations."""
+
+    header: str  # the `HloModule name, ...` line
+    preamble: list[str]  # what precedes the first computation (file and stack-frame tables)
+    computations: dict[str, list[str]]  # name -> its lines, "ENTRY " removed
+    entry: str
+
+    @classmethod
+    def parse(cls, text: str) -> HloModuleText:
+        lines = text.splitlines()
+        preamble, comps, entry, cur = [], {}, "", None
+        for line in lines[1:]:
+            m = _COMPUTATION.match(line)
+            if m and cur is None:
+                cur = m.group(2)
+                comps[cur] = [line.removeprefix("ENTRY ")]
+                entry = cur if m.group(1) else entry
+            elif cur is not None:
+                comps[cur].append(line)
+                cur = None if line == "}" else cur
+            elif not comps:
+                preamble.append(line)
+        return cls(lines[0], preamble, comps, entry)
+
+    def with_entry(self, name: str) -> str:
+        """The module's text with computation `name` as its entry (the header keeps only the
+        module's name: the real entry's layouts and aliasing do not apply)."""
+        text = [self.header.split(",")[0], *self.preamble]
+        for c, lines in self.computations.items():
+            text += ["ENTRY " + lines[0] if c == name else lines[0], *lines[1:]]
+        return "\n".join(text) + "\n"
+
+    def loops(self, name: str | None = None) -> list[tuple[str, int | None]]:
+        """(body, trip count or None) of each while loop computation `name` (default: the
+        entry) runs, in itself or in what it calls (fusions, calls, branches), not inside
+        another loop. The trip count is the loop's `known_trip_count`, else the one constant
+        its condition compares the counter with (jax's loops count up from 0)."""
+        out, seen = [], set()
+
+        def visit(c: str) -> None:
+            for line in self.computations[c]:
+                if w := _WHILE.search(line):
+                    out.append((w.group(2), self._trip(w.group(1), line)))
+                    continue
+                for group in _CALLED.findall(line):
+                    for callee in re.findall(r"%([\w.\-]+)", group):
+                        if callee in self.computations and callee not in seen:
+                            seen.add(callee)
+                            visit(callee)
+
+        visit(name or self.entry)
+        return out
+
+    def _trip(self, condition: str, instruction: str) -> int | None:
+        if known := _TRIP.search(instruction):
+            return int(known.group(1))
+        cond = "\n".join(self.computations[condition])
+        consts = re.findall(r"constant\((\d+)\)", cond)
+        if len(consts) == 1 and re.search(r"direction=[LG]T\b", cond):
+            return int(consts[0])
+        return None
 
 
 def loop_aware_flops(hlo_text: str) -> tuple[float, int]:
@@ -230,74 +294,33 @@ def loop_aware_flops(hlo_text: str) -> tuple[float, int]:
     XLA's cost analysis counts a loop body once, so a `lax.scan` over layers
     (`model.scan_layers`) or micro-batches would look U times cheaper. Here each computation
     is made the entry of a copy of the module and costed by XLA's own analysis (on the CPU
-    client: the count is the same HloCostAnalysis), then cost(c) = once(c) + Σ over the loops
-    c runs (trip · cost(body) − once(body)). The trip count is the loop's `known_trip_count`,
-    else the constant its condition compares the counter with (jax's loops count from 0).
+    client: the count is the same HloCostAnalysis), then
+    cost(c) = once(c) + Σ over the loops c runs (trip · cost(body) − once(body)).
     """
     import jax
     from jax._src.lib import _jax
     from jaxlib import _hlo
 
-    lines = hlo_text.splitlines()
-    header, preamble, comps, entry, cur = lines[0], [], {}, None, None
-    for line in lines[1:]:
-        m = _COMPUTATION.match(line)
-        if m and cur is None:
-            cur = m.group(2)
-            comps[cur] = [line.removeprefix("ENTRY ")]
-            entry = cur if m.group(1) else entry
-        elif cur is not None:
-            comps[cur].append(line)
-            cur = None if line == "}" else cur
-        elif not comps:
-            preamble.append(line)
+    module = HloModuleText.parse(hlo_text)
     client = jax.devices("cpu")[0].client
-    # the module's name only: the entry's layouts and aliasing belong to the real entry
-    head = header.split(",")[0]
     once_cache: dict[str, float] = {}
+    unknown = 0
 
     def once(name: str) -> float:
         if name not in once_cache:
-            text = [head, *preamble]
-            for c, body in comps.items():
-                text += ["ENTRY " + body[0] if c == name else body[0], *body[1:]]
-            module = _hlo.hlo_module_from_text("\n".join(text) + "\n")
-            once_cache[name] = float(_jax.hlo_module_cost_analysis(client, module).get("flops", 0))
+            hlo = _hlo.hlo_module_from_text(module.with_entry(name))
+            once_cache[name] = float(_jax.hlo_module_cost_analysis(client, hlo).get("flops", 0))
         return once_cache[name]
-
-    unknown = 0
-
-    def loops(name: str, seen: set) -> list[tuple[str, str, str]]:
-        """(condition, body, instruction) of the loops `name` runs, in itself or in the
-        computations it calls (fusions, calls, branches), not inside other loops."""
-        out = []
-        for line in comps[name]:
-            if w := _WHILE.search(line):
-                out.append((w.group(1), w.group(2), line))
-                continue
-            for group in _CALLED.findall(line):
-                for callee in re.findall(r"%([\w.\-]+)", group):
-                    if callee in comps and callee not in seen:
-                        seen.add(callee)
-                        out += loops(callee, seen)
-        return out
 
     def cost(name: str) -> float:
         nonlocal unknown
         total = once(name)
-        for cond, body, line in loops(name, set()):
-            trip = _TRIP.search(line)
-            if trip is None:
-                consts = _LT_CONSTANT.findall("\n".join(comps[cond]))
-                compare = re.search(r"direction=[LG]T\b", "\n".join(comps[cond]))
-                trip = int(consts[0]) if len(consts) == 1 and compare else None
-                unknown += trip is None
-            else:
-                trip = int(trip.group(1))
+        for body, trip in module.loops(name):
+            unknown += trip is None
             total += (trip or 1) * cost(body) - once(body)
         return total
 
-    return cost(entry), unknown
+    return cost(module.entry), unknown
 
 
 def compile_for(cfg, topo: Topology) -> Report:
