@@ -28,7 +28,24 @@ compiles the preset's real train step (`jaxllm.compile.compile_for`: FSDP over t
 batch = one sequence per chip by default) per policy and sequence length and reports per-chip
 device bytes (arguments, temporaries, total against the chip's HBM) and pinned-host bytes,
 then per policy the longest measured sequence that fits and the affine estimate of where the
-total reaches HBM (from the two longest measured lengths). Writes memory_tpu.json.
+total reaches HBM (from the two longest measured lengths). Writes memory_tpu.json. The 7B
+presets scan their layers (`model.scan_layers`); `--set model.scan_layers=false` compiles the
+unrolled decoder, where XLA:TPU postpones the offload copies into the backward pass and
+offload saves nothing.
+
+Measured (tnl-7b scanned, v5p:2x2x1, batch 4, vocab 32000, jax 0.10.2; GiB per chip of 95):
+
+    policy      seq  tokens/step   args    temp   total   host  fits
+    full      32768      128K     18.99   33.66   52.68   0.00  yes
+    full     131072      512K     18.99   86.27  105.29   0.00  no
+    full     262144        1M     18.99  165.94 (refused)        no
+    offload   32768      128K     18.99   25.69   44.74  16.00  yes
+    offload  131072      512K     18.99   60.59   79.62  64.00  yes
+    offload  262144        1M     18.99   60.15   79.19 128.00  yes
+
+Longest fit: full 32768 measured (affine estimate 111838), offload 262144 measured: offload
+trains a longer sequence than full remat in the same HBM (benchmarks/README.md: why, and
+the caveats: XLA's own rematerialisation near the limit, pinned host memory per host).
 """
 
 from __future__ import annotations
@@ -83,8 +100,8 @@ def measure_tpu(args, seq: int, policy: str, fraction: float) -> dict:
     cfg = config.load(
         args.preset,
         [f"data.seq_len={seq}", f"model.max_seq_len={seq}", f"data.batch_size={args.batch}",
-         "parallel.mesh.data=1", "parallel.mesh.fsdp=-1", f"train.remat={policy}",
-         f"train.offload_fraction={fraction}",
+         "parallel.mesh.data=1", "parallel.mesh.fsdp=-1", "train.microbatches=1",
+         f"train.remat={policy}", f"train.offload_fraction={fraction}",
          *([f"model.n_layers={args.layers}"] if args.layers else []), *args.set],
     )  # fmt: skip
     row = {"policy": policy if policy != "offload" else f"offload(α={fraction})", "seq": seq,
@@ -146,8 +163,9 @@ def main_tpu(args) -> None:
               f"{'-' if est is None else round(est)}")  # fmt: skip
     out = Path(args.out.replace("memory.json", "memory_tpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
+    scan = config.load(args.preset, args.set).model.scan_layers
     meta = {"topology": args.topology, "preset": args.preset, "layers": args.layers,
-            "batch": args.batch, "set": args.set}  # fmt: skip
+            "batch": args.batch, "set": args.set, "scan_layers": scan}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     print(f"wrote {out}")
 

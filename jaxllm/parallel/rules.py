@@ -28,8 +28,12 @@ DEFAULT_RULES: Rules = (
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_vocab", "tensor"),
-    # parameters: FSDP shards the model width, tensor parallelism the wide dims
-    ("embed", "fsdp"),
+    # parameters: FSDP shards the model width, tensor parallelism the wide dims. The expert
+    # axis shards the width too (as in MaxText): it also splits the batch, so without it the
+    # weights that have no experts dim (attention, shared experts, embeddings) and their Adam
+    # moments would be replicated over it (20 of Hunyuan-Large's 37 GiB of state per chip on
+    # v5p-512). Expert weights keep their width on fsdp: their experts dim takes the axis.
+    ("embed", ("fsdp", "expert")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

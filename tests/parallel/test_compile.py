@@ -1,6 +1,8 @@
 """`python -m jaxllm.compile`: topology names, exit codes, and (marker `tpu_aot`, needs libtpu)
 real ahead-of-time compiles of a small preset for TPU slices from this CPU host."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxllm import compile as aot
@@ -54,6 +56,26 @@ def test_report_fit_threshold():
     assert r.total_bytes == 15 * GiB and r.fits  # donated outputs alias the arguments
     r.temp_bytes = 7 * GiB
     assert not r.fits and "DOES NOT FIT" in r.lines()[-1]
+
+
+def test_loop_aware_flops_counts_every_iteration():
+    """Nested scans (3 outer x 5 inner matmuls): XLA's cost analysis counts each body once,
+    loop_aware_flops counts 15 matmuls (+ the tanh and loop counters, < 0.1 %)."""
+
+    def f(x, w):
+        def outer(c, _):
+            return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), c, w)[0], None
+
+        return jax.lax.scan(outer, x, None, length=3)[0]
+
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+    w = jax.ShapeDtypeStruct((5, 128, 128), jnp.float32)
+    compiled = jax.jit(f).lower(x, w).compile()
+    matmuls = 3 * 5 * 2 * 64 * 128 * 128
+    flops, unknown = aot.loop_aware_flops(compiled.as_text())
+    assert unknown == 0
+    assert matmuls <= flops <= 1.001 * matmuls
+    assert compiled.cost_analysis()["flops"] < matmuls / 10
 
 
 tpu = pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
