@@ -242,9 +242,8 @@ def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
     mesh, free = (None, ()) if mesh is None else map_mesh(mesh)
     if all(mesh.shape[a] == 1 for a in free):
         return fn(*args)
-    tokens = [a for a in TOKEN_AXES if a in free]
-    b, h = _axes(mesh, tokens, q.shape[0]), _axes(mesh, [a for a in ("tensor",) if a in free],
-                                                 q.shape[2])  # fmt: skip
+    b = _axes(mesh, [a for a in TOKEN_AXES if a in free], q.shape[0])
+    h = _axes(mesh, [a for a in ("tensor",) if a in free], q.shape[2])
     x, s = P(b, None, h, None), P(b, h, None, None)
     specs = (x, x, x, P(h), s, P(b, None))[: len(args)]
     return jax.shard_map(

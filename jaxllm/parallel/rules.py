@@ -93,8 +93,8 @@ def avoid_split_gathers() -> bool:
     context = jax.sharding.get_abstract_mesh()
     if not context.manual_axes:
         return False
-    manual = set(context.manual_axes)
-    return sum(n > 1 for a, n in context.shape.items() if a not in manual) > 1
+    _, free = map_mesh(context)
+    return sum(context.shape[a] > 1 for a in free) > 1
 
 
 def spec_for(
