@@ -104,6 +104,7 @@ def _expert_grads(grads):
     return np.abs(np.asarray(g, np.float64)).sum(axis=(1, 2))
 
 
+@pytest.mark.slow  # ~40 s; test_tokens_route_to_their_domains_expert_group checks the routing
 def test_trainer_routes_by_the_batch_domain():
     """The pangu-rre-tiny preset's batches hold both domains (the corpus's test files are domain
     1); through the train step's forward pass, domain-1 tokens reach experts 4..7, with the

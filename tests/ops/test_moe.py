@@ -56,9 +56,14 @@ SIZES = {
 }
 
 
-@pytest.mark.parametrize("sizes", list(SIZES), ids=str)
-@pytest.mark.parametrize("kind", ["softmax", "top_p"])
-def test_dropless_matches_reference(sizes, kind):
+@pytest.mark.parametrize(
+    ("kind", "sizes"),
+    [("softmax", "homogeneous"), ("top_p", "hmoe"),
+     pytest.param("softmax", "hmoe", marks=pytest.mark.slow),
+     pytest.param("top_p", "homogeneous", marks=pytest.mark.slow)],
+    ids=["softmax-homogeneous", "top_p-hmoe", "softmax-hmoe", "top_p-homogeneous"],
+)  # fmt: skip
+def test_dropless_matches_reference(kind, sizes):
     t, d = 37, 16  # odd token count
     key = jax.random.key(0)
     groups = _groups(key, d, SIZES[sizes])

@@ -45,7 +45,7 @@ def _trainer(*overrides):
     "layout",
     [
         DP8,
-        DP4_FSDP2_MICRO2,
+        pytest.param(DP4_FSDP2_MICRO2, marks=pytest.mark.slow),
         pytest.param(DP2_FSDP2_TP2, marks=pytest.mark.slow),
     ],
     ids=["data8", "data4-fsdp2-micro2", "data2-fsdp2-tensor2"],
@@ -216,8 +216,10 @@ def _first_step(trainer, batch):
     ("fp8", "layers"),
     [
         ("current", ("model.n_layers=1",)),
-        ("delayed", ("model.n_layers=1",)),
-        ("delayed", ("model.n_layers=2", "model.scan_layers=true")),
+        pytest.param("delayed", ("model.n_layers=1",), marks=pytest.mark.slow),
+        pytest.param(
+            "delayed", ("model.n_layers=2", "model.scan_layers=true"), marks=pytest.mark.slow
+        ),
     ],
     ids=["current", "delayed", "delayed-scanned"],
 )
@@ -309,6 +311,7 @@ def _state(run_dir, step):
     return out["state"]
 
 
+@pytest.mark.slow  # ~110 s; the default suite resumes bit-exactly in test_train.py
 def test_resume_is_bit_exact_with_the_fp8_allreduce(tmp_path):
     common = ["precision.fp8=current", *DP4_FSDP2_MICRO2, "train.steps=6", "logging.every=1",
               "train.eval_every=0", "checkpoint.every=2"]  # fmt: skip
