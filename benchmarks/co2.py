@@ -38,21 +38,19 @@ narrows in relative terms but stays ~0.12 nats at τ=4. At 576 steps, τ=4 with 
 (1.757) moved little with the inner lr (1.5e-3: 1.786, 6e-3: 1.867), b2 = 0.99 (1.754), no
 clip (1.760) or a 60-step warmup (1.689, against sync 1.504 with the same warmup).
 
-More rows per replica narrow the gap (the val set is 4 batches of the run's batch, so compare
-within a batch size). Defaults; val loss at steps 576/1152 (every quarter for the 1152-step
-run) and the ratio to sync at 1152:
+More rows per replica narrow the gap. Val loss at step 1152 with the defaults (the val set is 4
+batches of the run's batch, so compare within a row; the first two are the midpoints of
+2304-step schedules, co2_2304 and co2_b64_2304, the last a 1152-step run, co2_b256_1152):
 
-    batch (rows per replica)  sync                     τ=4                      τ=12
-    16 (4)     co2_2304        1.599/1.305 (576/1152)  1.683/1.412  +8.2%       1.858/1.613  +24%
-    64 (16)    co2_b64_2304    1.415/1.305 (576/1152)  1.546/1.358  +4.1%       1.761/1.509  +16%
-    256 (64)   co2_b256_1152   1.428/1.282/1.235/1.212 1.654/1.356/1.281/1.258  1.713/1.474/
-                                                                       +3.9%    1.386/1.335  +10%
+    batch (rows per replica)   sync    τ=4             τ=12
+    16 (4)                     1.305   1.412  +8.2%    1.613  +24%
+    64 (16)                    1.305   1.358  +4.1%    1.509  +16%
+    256 (64)                   1.212   1.258  +3.9%    1.335  +10%
 
-(the first two ran 2304 steps, so their 1152 is mid-schedule; at 2304 they end +10%/+20% and
-+4.6%/+11%). From 4 to 16 rows the τ=4 gap halves: the replicas' gradient noise (each AdamW
-normalises by its own batch's second moment; at 4 rows it costs 0.08 already at τ=1 without
-staleness). Past that it stays at ~4%: the cost of 4 local steps and a one-round-stale
-consensus on this model. The τ=12 gap keeps shrinking with the batch.
+From 4 to 16 rows the τ=4 gap halves: the replicas' gradient noise (each AdamW normalises by its
+own batch's second moment; at 4 rows it costs 0.08 already at τ=1 without staleness). Past that
+it stays at ~4%: the cost of 4 local steps and a one-round-stale consensus on this model. The
+τ=12 gap keeps shrinking with the batch.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def _model(overrides):
 # By default one of each projection code path: `QKVO` (cog, cla, dape, infini), CLLA, attention
 # MoE, the dropless experts; the rest are slow. (Delayed FP8 through a train step: below and
 # test_fp8_training.py.)
-FAST = {"clla", "moe-dropless"}
+FAST = {"cla", "clla", "attn_moe", "moe-dropless"}
 
 
 @pytest.mark.parametrize(
