@@ -82,7 +82,9 @@ class Sampler:
         def body(carry, key_t):
             last_BV, cache = carry
             tok_B = sample(last_BV, key_t)
-            logits, cache = model(tok_B[:, None], cache=cache)
+            # A module of this trace level: layers that sow (MoE load metrics, a scanned
+            # decoder's stacked intermediates) may not mutate the one merged outside the loop.
+            logits, cache = self.model.merge(params)(tok_B[:, None], cache=cache)
             return (logits[:, -1], cache), tok_B
 
         keys = jax.random.split(key, n_new)

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxllm import models
@@ -42,6 +43,23 @@ def test_greedy_generation_equals_argmax_of_full_forward():
     new = sampler.generate(prompt, max_new_tokens=6, temperature=0)
     seq = prompt
     for _ in range(6):
+        nxt = np.asarray(jnp.argmax(model(jnp.asarray(seq))[:, -1], axis=-1))[:, None]
+        seq = np.concatenate([seq, nxt], axis=1)
+    np.testing.assert_array_equal(new, seq[:, 4:])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sampling_from_layers_that_sow(scan):
+    # MoE layers sow load metrics (and a scanned decoder its stacked intermediates) on every
+    # call: the decode loop must not mutate a module merged outside its own trace (issue 23).
+    cfg = tiny("model.ffn=moe", "model.ffns.moe.n_experts=4", f"model.scan_layers={scan}")
+    model = models.build(cfg.model, nnx.Rngs(params=0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sampler = Sampler(Model.create(cfg), params, max_len=24)
+    prompt = np.array([[256, 100, 101, 102]])
+    new = sampler.generate(prompt, max_new_tokens=5, temperature=0)
+    seq = prompt
+    for _ in range(5):
         nxt = np.asarray(jnp.argmax(model(jnp.asarray(seq))[:, -1], axis=-1))[:, None]
         seq = np.concatenate([seq, nxt], axis=1)
     np.testing.assert_array_equal(new, seq[:, 4:])
