@@ -14,7 +14,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
 
-import pytest
+import pytest  # noqa: E402
 
 
 def _has_gpu() -> bool:
