@@ -67,7 +67,7 @@ RAW=$(mktemp -d "${TMPDIR:-/tmp}/jaxllm-gpu.XXXXXX") || exit 1
 STATUS=$RAW/status.tsv
 : >"$STATUS"
 
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 if ((SMOKE)); then
   export JAX_PLATFORMS=cpu
