@@ -19,7 +19,8 @@
 # --smoke    (or JAXLLM_GPU_SMOKE=1) the same parts with tiny shapes on the CPU: the plumbing
 # --budget   seconds for the whole pass (default 460; smoke 1500)
 # --parts    comma-separated subset of the part names above, e.g. for a rerun on a warm machine
-# Extra train-step overrides for both llama runs: JAXLLM_GPU_LLAMA_SET="key=value ...".
+# Extra train-step overrides for both llama runs: JAXLLM_GPU_LLAMA_SET="key=value ..."; their
+# batch: JAXLLM_GPU_LLAMA_BATCH (default 8).
 #
 # When a .whl folder sits at the repository root and the interpreter cannot import pydantic, the
 # carried wheels are installed to /tmp/site first (the device tool's README), skipping any the
@@ -75,6 +76,9 @@ else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
   # a rerun on the same (warm) machine reuses the compiled programs
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxllm-jax-cache}
+  # one process at a time: give XLA's pool 92% of the card instead of 75%, leaving ~11 GiB to
+  # cuDNN / cuBLAS workspaces
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 fi
 
 log() { echo "[gpu.sh $(($(date +%s) - START))s] $*"; }
@@ -159,6 +163,9 @@ fi
   echo "smoke: $SMOKE  budget_s: $BUDGET  parts: $PARTS"
   echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "JAX_PLATFORMS: $JAX_PLATFORMS"
+  echo "XLA_PYTHON_CLIENT_MEM_FRACTION: ${XLA_PYTHON_CLIENT_MEM_FRACTION:-unset}"
+  echo "JAXLLM_GPU_LLAMA_SET: ${JAXLLM_GPU_LLAMA_SET:-unset}"
+  echo "JAXLLM_GPU_LLAMA_BATCH: ${JAXLLM_GPU_LLAMA_BATCH:-unset}"
   if command -v nvidia-smi >/dev/null; then
     echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
   fi
@@ -184,7 +191,7 @@ else
   KERNELS=(--lengths 2048 8192 32768 65536 --batch 4 --heads 32 --head-dim 128 --gemm 8192
     --rounds 5)
   LLAMA=(llama-1b model.scan_layers=true)
-  LLAMA_SHAPE=(--seq-len 2048 --batch 8 --steps 10)
+  LLAMA_SHAPE=(--seq-len 2048 --batch "${JAXLLM_GPU_LLAMA_BATCH:-8}" --steps 10)
   TNL=(tnl-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
   MOE=(--tokens 16384 --d-model 2048 --experts 8 --top-k 2 --expert-d-ff 2816 --dtype bfloat16
     --iters 10 --ep 1)
