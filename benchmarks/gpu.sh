@@ -222,3 +222,6 @@ fi
 summarize --print
 log "done in $(($(date +%s) - START))s: $OUT_DIR/summary.md, summary.json, logs.tar.gz"
 awk -F'\t' '$2 == "ok" || $2 == "none" { n++ } END { exit (n == NR ? 0 : 1) }' "$STATUS"
+rc=$?
+rm -rf "$RAW"  # all of it is in logs.tar.gz
+exit "$rc"
