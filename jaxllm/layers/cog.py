@@ -26,8 +26,10 @@ class CogConfig(AttnVariantConfig):
         default_factory=lambda: [0, -1],
         description="layers (negative = from the end) that stay plain softmax",
     )
-    impl: Literal["auto", "reference", "xla"] = "auto"
-    block: int = Field(128, ge=1, description="keys per block of the online-softmax path")
+    impl: Literal["auto", "reference", "chunked"] = Field(
+        "auto", description="auto: chunked when the keys outnumber `block`, else reference"
+    )
+    block: int = Field(128, ge=1, description="keys per tile of the chunked online softmax")
 
     @property
     def signed(self) -> bool:
@@ -65,7 +67,7 @@ class CogAttention(QKVO):
             k_BTGK, v_BTGK = cache["k"], cache["v"]
             kw = {"q_positions_BT": qpos, "kv_positions_BS": kpos}
         if self.signed:
-            o_BTHK = cog_attention(q_BTHK, k_BTGK, v_BTGK, impl=c.impl, block=c.block, **kw)
+            o_BTHK = cog_attention(q_BTHK, k_BTGK, v_BTGK, impl=c.impl, chunk=c.block, **kw)
         else:
             o_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, impl="reference" if c.impl == "reference"
                                else "auto", **kw)  # fmt: skip
