@@ -14,7 +14,13 @@ or none), the logits are S + B + f(S, B), then the causal softmax:
   key slots follow it (the full pass and decoding against a longer cache agree); only the
   last query row differs from the authors' form.
 
-This materialises [B, H, T, S] scores (and W channels), as the authors' code does.
+DAPE needs the score matrix by design: the logit of head h at (t, s) is a learned function
+of every head's score at (t, s) (and, for `dape2`, of the k//2 neighbouring keys too), applied
+before the softmax. No per-head fused or flash attention kernel can compute that, so this layer
+materialises the [B, H, T, S] scores and the [B, W, T, S] hidden channels, as the authors'
+code does, and takes no fast attention path: memory grows as T·S, so keep `data.seq_len`
+modest. (A tiled form would need all heads of a key tile at once, plus a key halo for
+`dape2`; it is not written.)
 """
 
 from __future__ import annotations
