@@ -72,3 +72,9 @@ class CogAttention(QKVO):
             o_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, impl="reference" if c.impl == "reference"
                                else "auto", **kw)  # fmt: skip
         return self.o(o_BTHK), cache
+
+    @staticmethod
+    def token_mixing_flops(cfg: CogConfig, seq_len: int) -> float:
+        """As softmax attention (signed or not): QKᵀ and PV halved by the causal mask; the
+        sign and |·| are elementwise."""
+        return 2.0 * seq_len * cfg.n_heads * (cfg.head_dim + cfg.head_dim) * 0.5

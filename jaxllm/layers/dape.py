@@ -177,6 +177,20 @@ class DAPE(QKVO):
         o_BTHK = jnp.einsum("BHTS,BSHV->BTHV", p, v).astype(x_BTD.dtype)
         return self.o(o_BTHK), cache
 
+    @classmethod
+    def token_mixing_flops(cls, cfg: DAPEConfig, seq_len: int) -> float:
+        """QKᵀ and PV, plus f (and FIRE's bias MLP) at every score, all over the causal half of
+        the [T, S] scores as attention is counted: f is real work per score, 2·taps·(C·W + W·H)
+        FLOPs per (t, s) with C = H or 2H input channels."""
+        h, w = cfg.n_heads, cfg.mlp_width
+        taps = cfg.kernel if cls.conv else 1
+        c_in = h if cfg.bias == "none" else 2 * h
+        per_score = 2.0 * taps * (c_in * w + w * h)
+        if cfg.bias == "fire":
+            per_score += 2.0 * (cfg.fire_width + cfg.fire_width * h)
+        scores = seq_len * 0.5
+        return 2.0 * seq_len * h * (cfg.head_dim + cfg.head_dim) * 0.5 + scores * per_score
+
 
 class DAPE2Config(DAPEConfig):
     pass
