@@ -65,10 +65,10 @@ def cog_attention_reference(
     return jnp.einsum("BHTS,BSHV->BTHV", w_BHTS, v).astype(q_BTHK.dtype)
 
 
-def _tiles(x: jax.Array, n: int, chunk: int, fill=0) -> jax.Array:
-    """[B, S, ...] → [n, B, chunk, ...], padding S up to n·chunk with `fill`."""
+def _tiles(x: jax.Array, n: int, chunk: int) -> jax.Array:
+    """[B, S, ...] → [n, B, chunk, ...], zero-padding S up to n·chunk."""
     pad = n * chunk - x.shape[1]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
 
 
