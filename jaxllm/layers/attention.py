@@ -120,6 +120,12 @@ class Attention(nnx.Module):
             y_BTD = y_BTD + cast(self.bo, dt)
         return y_BTD, cache
 
+    @staticmethod
+    def token_mixing_flops(cfg: AttentionConfig, seq_len: int) -> float:
+        """Forward FLOPs per token beyond the projections: QKᵀ and PV (2·T·H·K each), halved
+        by the causal mask as MaxText counts them."""
+        return 2.0 * seq_len * cfg.n_heads * (cfg.head_dim + cfg.head_dim) * 0.5
+
 
 _ACT_Q = ("batch", "length", "act_heads", None)
 _ACT_KV = ("batch", "length", "act_kv_heads", None)

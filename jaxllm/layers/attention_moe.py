@@ -143,3 +143,20 @@ class AttentionMoE(nnx.Module):
         o_BTGJK = o * w_BTG[..., None, None]
         o_BTHK = o_BTGJK.reshape(*o_BTGJK.shape[:2], c.n_heads, c.head_dim).astype(dt)
         return dense(o_BTHK, cast(self.wo, dt), "BTHK,HKD->BTD", name="o"), cache
+
+    @staticmethod
+    def token_mixing_flops(cfg: AttnMoEConfig, seq_len: int) -> float:
+        """The active experts' attention only: a token's query heads go to top_k of the G
+        experts, and each expert attends over the tokens routed to it, T·top_k/G of them under
+        balanced routing, so the dense causal count is scaled by (top_k/G)² (the layer's
+        static-shape form masks instead of compacting, but the work it needs is this)."""
+        active = cfg.top_k / cfg.n_kv_heads
+        return 2.0 * seq_len * cfg.n_heads * (cfg.head_dim + cfg.head_dim) * 0.5 * active**2
+
+    @staticmethod
+    def inactive_params(cfg: AttnMoEConfig) -> int:
+        """Projection weights a token leaves idle: the q/o rows of the H/G heads and the k/v
+        head of each of the G − top_k experts it is not routed to; the router is always active."""
+        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        per_expert = 2 * d * (h // g) * k + 2 * d * k
+        return (g - cfg.top_k) * per_expert

@@ -92,3 +92,9 @@ class CrossLayerAttention(QKVO):
             k_BTGK = finish_qk(k_BTGK, self.k_norm, jnp.broadcast_to(kpos_BS, k_BTGK.shape[:2]), c)
         o_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, impl=c.impl, **kw)
         return self.o(o_BTHK), cache
+
+    @staticmethod
+    def token_mixing_flops(cfg: CLAConfig, seq_len: int) -> float:
+        """Every layer, producer or consumer, scores its own queries against the shared K/V:
+        QKᵀ and PV halved by the causal mask, as softmax attention is counted."""
+        return 2.0 * seq_len * cfg.n_heads * (cfg.head_dim + cfg.head_dim) * 0.5

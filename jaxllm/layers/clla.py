@@ -206,3 +206,11 @@ class CrossLayerLatentAttention(nnx.Module):
         v_pad = jnp.pad(v_BSGK, [(0, 0)] * 3 + [(0, r)])
         o_BTHK = attention(q_BTHK, k_BSGK, v_pad, impl=c.impl, **kw)[..., :k]
         return dense(o_BTHK, cast(self.wo, dt), "BTHK,HKD->BTD", name="o"), cache
+
+    @staticmethod
+    def token_mixing_flops(cfg: CLLAConfig, seq_len: int) -> float:
+        """QKᵀ over K + R channels (content and decoupled RoPE) and PV over K, halved by the
+        causal mask; the latent's up-projections are weights and counted as such. (The zero
+        padding of V up to K + R for the fused kernels is not model work and is not counted.)"""
+        k, r = cfg.head_dim, cfg.rope_dim
+        return 2.0 * seq_len * cfg.n_heads * ((k + r) + k) * 0.5

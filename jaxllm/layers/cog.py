@@ -26,8 +26,10 @@ class CogConfig(AttnVariantConfig):
         default_factory=lambda: [0, -1],
         description="layers (negative = from the end) that stay plain softmax",
     )
-    impl: Literal["auto", "reference", "xla"] = "auto"
-    block: int = Field(128, ge=1, description="keys per block of the online-softmax path")
+    impl: Literal["auto", "reference", "chunked"] = Field(
+        "auto", description="auto: chunked when the keys outnumber `block`, else reference"
+    )
+    block: int = Field(128, ge=1, description="keys per tile of the chunked online softmax")
 
     @property
     def signed(self) -> bool:
@@ -65,8 +67,14 @@ class CogAttention(QKVO):
             k_BTGK, v_BTGK = cache["k"], cache["v"]
             kw = {"q_positions_BT": qpos, "kv_positions_BS": kpos}
         if self.signed:
-            o_BTHK = cog_attention(q_BTHK, k_BTGK, v_BTGK, impl=c.impl, block=c.block, **kw)
+            o_BTHK = cog_attention(q_BTHK, k_BTGK, v_BTGK, impl=c.impl, chunk=c.block, **kw)
         else:
             o_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, impl="reference" if c.impl == "reference"
                                else "auto", **kw)  # fmt: skip
         return self.o(o_BTHK), cache
+
+    @staticmethod
+    def token_mixing_flops(cfg: CogConfig, seq_len: int) -> float:
+        """As softmax attention (signed or not): QKᵀ and PV halved by the causal mask; the
+        sign and |·| are elementwise."""
+        return 2.0 * seq_len * cfg.n_heads * (cfg.head_dim + cfg.head_dim) * 0.5

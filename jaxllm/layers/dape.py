@@ -14,7 +14,13 @@ or none), the logits are S + B + f(S, B), then the causal softmax:
   key slots follow it (the full pass and decoding against a longer cache agree); only the
   last query row differs from the authors' form.
 
-This materialises [B, H, T, S] scores (and W channels), as the authors' code does.
+DAPE needs the score matrix by design: the logit of head h at (t, s) is a learned function
+of every head's score at (t, s) (and, for `dape2`, of the k//2 neighbouring keys too), applied
+before the softmax. No per-head fused or flash attention kernel can compute that, so this layer
+materialises the [B, H, T, S] scores and the [B, W, T, S] hidden channels, as the authors'
+code does, and takes no fast attention path: memory grows as T·S, so keep `data.seq_len`
+modest. (A tiled form would need all heads of a key tile at once, plus a key halo for
+`dape2`; it is not written.)
 """
 
 from __future__ import annotations
@@ -170,6 +176,20 @@ class DAPE(QKVO):
         p = p / jnp.where(denom == 0, 1.0, denom)
         o_BTHK = jnp.einsum("BHTS,BSHV->BTHV", p, v).astype(x_BTD.dtype)
         return self.o(o_BTHK), cache
+
+    @classmethod
+    def token_mixing_flops(cls, cfg: DAPEConfig, seq_len: int) -> float:
+        """QKᵀ and PV, plus f (and FIRE's bias MLP) at every score, all over the causal half of
+        the [T, S] scores as attention is counted: f is real work per score, 2·taps·(C·W + W·H)
+        FLOPs per (t, s) with C = H or 2H input channels."""
+        h, w = cfg.n_heads, cfg.mlp_width
+        taps = cfg.kernel if cls.conv else 1
+        c_in = h if cfg.bias == "none" else 2 * h
+        per_score = 2.0 * taps * (c_in * w + w * h)
+        if cfg.bias == "fire":
+            per_score += 2.0 * (cfg.fire_width + cfg.fire_width * h)
+        scores = seq_len * 0.5
+        return 2.0 * seq_len * h * (cfg.head_dim + cfg.head_dim) * 0.5 + scores * per_score
 
 
 class DAPE2Config(DAPEConfig):

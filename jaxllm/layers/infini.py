@@ -182,3 +182,16 @@ class InfiniAttention(QKVO):
         swap = lambda x: jnp.moveaxis(x, 1, 0)
         cache, out = jax.lax.scan(step, cache, (swap(q_BTHK), swap(k_BTGK), swap(v_BTGK)))
         return swap(out), cache
+
+    @staticmethod
+    def token_mixing_flops(cfg: InfiniConfig, seq_len: int) -> float:
+        """Causal softmax within a segment of N tokens (QKᵀ and PV, causal half), plus the
+        memory's products per token: the read σ(Q)M and σ(Q)z per query head, the write
+        σ(K)ᵀV per kv head and, for the delta rule, σ(K)M and σ(K)z per kv head."""
+        h, g, k = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        local = 2.0 * min(cfg.segment_len, seq_len) * h * (k + k) * 0.5
+        read = 2.0 * h * (k * k + k)
+        write = 2.0 * g * k * k
+        if cfg.update == "delta":
+            write += 2.0 * g * (k * k + k)
+        return local + read + write

@@ -22,27 +22,32 @@ def flops_per_token(cfg: ModelConfig, n_params: int, n_embedding: int, seq_len: 
     """Training FLOPs per token (forward + backward = 3 × forward).
 
     Matmuls: 2 FLOPs per weight per token for every weight but the embedding lookup (a tied
-    head still counts once). Attention: QKᵀ and PV each cost 2·T·H·K per token, halved by the
-    causal mask (as MaxText counts it), in every softmax layer.
+    head still counts once). Layers that use only part of their weights per token (mixtures of
+    experts, in the FFN or the mixer) say how many they leave idle through an
+    `inactive_params(layer_cfg)` hook, and MFU counts the active ones only.
+
+    Token mixing: every token mixer reports its own forward FLOPs per token beyond its weights
+    (attention scores and PV, a linear-attention state, ...) through a
+    `token_mixing_flops(layer_cfg, seq_len)` hook; a mixer without one is an error, not a zero.
     """
     matmul_params = n_params - n_embedding + (n_embedding if cfg.tie_embeddings else 0)
-    # Channel mixers that use only part of their weights per token (mixtures of experts) say
-    # how many they leave idle through an `inactive_params(layer_cfg)` hook: MFU counts the
-    # active parameters only.
     ffn = registry.ffn(cfg.ffn)
-    inactive = getattr(ffn.cls, "inactive_params", None)
-    if inactive is not None:
-        options = cfg.ffns.get(cfg.ffn, {})
-        matmul_params -= sum(
-            inactive(layer_config(cfg, ffn, options, i)) for i in range(cfg.n_layers)
-        )
-    softmax_layers = sum(name == "softmax" for name in cfg.mixer_names())
-    attn = softmax_layers * 2 * 2 * seq_len * cfg.n_heads * cfg.qk_head_dim * 0.5
-    # Mixers with their own token mixing (linear attention: chunked products and the state)
-    # say what it costs per token through a `token_mixing_flops(layer_cfg, seq_len)` hook.
+    mixing = 0.0
     for index, name in enumerate(cfg.mixer_names()):
         entry = registry.mixer(name)
         count = getattr(entry.cls, "token_mixing_flops", None)
-        if count is not None:
-            attn += count(layer_config(cfg, entry, cfg.mixers.get(name, {}), index), seq_len)
-    return 3.0 * (2.0 * matmul_params + attn)
+        if count is None:
+            raise TypeError(
+                f"token mixer {name!r} ({entry.cls.__name__}) defines no "
+                "token_mixing_flops(layer_cfg, seq_len): its FLOPs per token are unknown"
+            )
+        layer_cfg = layer_config(cfg, entry, cfg.mixers.get(name, {}), index)
+        mixing += count(layer_cfg, seq_len)
+        matmul_params -= _inactive(entry, layer_cfg)
+        matmul_params -= _inactive(ffn, layer_config(cfg, ffn, cfg.ffns.get(cfg.ffn, {}), index))
+    return 3.0 * (2.0 * matmul_params + mixing)
+
+
+def _inactive(entry: registry.Entry, layer_cfg) -> int:
+    inactive = getattr(entry.cls, "inactive_params", None)
+    return 0 if inactive is None else inactive(layer_cfg)

@@ -4,20 +4,23 @@ With P = q·kᵀ/√K over the allowed (causal) keys, w_ts = sign(p_ts)·e^{|p_t
 so Σ_s |w_ts| = 1 and a head can subtract values as well as add them. Masked keys weigh 0.
 
 `cog_attention_reference` materialises the [B, H, T, S] weights in float32 (a transcription of
-the authors' `CogAttention.forward`). `cog_attention_blocked` is flash-style: an online softmax
-over |P| (running max of |P| and running denominator) with a `lax.scan` over key blocks of
-`block` keys, so only [B, H, T, block] scores live at once; the scan body is rematerialised
-in the backward pass, so the gradient keeps O(T·block) score memory too.
+the authors' `CogAttention.forward`). `cog_attention_chunked` never forms [T, S]: a `lax.scan`
+over key tiles of C keys keeps an online softmax over |P| (running max of |P| and running
+denominator, float32) and accumulates sign(P)·e^{|P|−m}·V; its `custom_vjp` saves only the
+output and each row's log-sum-exp and recomputes a tile's weights in the backward scan, so
+training memory is O(T·C) as well.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from jaxllm.ops.attention import _mask_BTS
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "chunked")
 
 
 def _scores_BHTS(q_BTHK, k_BSGK):
@@ -62,7 +65,121 @@ def cog_attention_reference(
     return jnp.einsum("BHTS,BSHV->BTHV", w_BHTS, v).astype(q_BTHK.dtype)
 
 
-def cog_attention_blocked(
+def _tiles(x: jax.Array, n: int, chunk: int) -> jax.Array:
+    """[B, S, ...] → [n, B, chunk, ...], zero-padding S up to n·chunk."""
+    pad = n * chunk - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _allowed_BTC(qpos_BT, qseg_BT, kpos_BC, kseg_BC, ok_BC, causal: bool) -> jax.Array:
+    """Boolean [B|1, 1, 1, T, C] for one key tile (broadcasts over G and H/G)."""
+    allowed = ok_BC[:, None, :] & (qseg_BT[:, :, None] == kseg_BC[:, None, :])
+    if causal:
+        allowed = allowed & (kpos_BC[:, None, :] <= qpos_BT[:, :, None])
+    return allowed[:, None, None]
+
+
+def _prepare(q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT, kseg_BS, chunk):
+    """Grouped, pre-scaled float32 queries [B, T, G, H/G, K] and the key-side tiles."""
+    b, t, h, kd = q_BTHK.shape
+    s, g = k_BSGK.shape[1:3]
+    n = -(-s // chunk)
+    qs_BTGRK = q_BTHK.astype(jnp.float32).reshape(b, t, g, h // g, kd) * kd**-0.5
+    # Padded key slots are removed by a False `ok` whatever the positions and segments say.
+    ok_1S = jnp.ones((1, s), bool)
+    xs = tuple(_tiles(x, n, chunk) for x in (k_BSGK, v_BSGV, kpos_BS, kseg_BS, ok_1S))
+    return qs_BTGRK, xs
+
+
+def _chunked_forward(causal, chunk, q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT, kseg_BS):
+    """→ (out [B, T, H, V] float32, row log-sum-exp of |P| [B, G, H/G, T] float32; 0 on rows
+    with no allowed key, whose output is 0)."""
+    b, t, h, _ = q_BTHK.shape
+    g, vd = v_BSGV.shape[2:]
+    qs, xs = _prepare(q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT, kseg_BS, chunk)
+
+    def body(carry, tile):
+        m_BGRT, l_BGRT, acc_BGRTV = carry
+        k_c, v_c, kpos_c, kseg_c, ok_c = tile
+        p = jnp.einsum("BTGRK,BCGK->BGRTC", qs, k_c.astype(jnp.float32))
+        allowed = _allowed_BTC(qpos_BT, qseg_BT, kpos_c, kseg_c, ok_c, causal)
+        a = jnp.where(allowed, jnp.abs(p), -jnp.inf)
+        m_new = jnp.maximum(m_BGRT, jnp.max(a, axis=-1))
+        # Rows that have seen no allowed key yet keep a finite reference point of 0.
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        corr = jnp.exp(jnp.where(jnp.isfinite(m_BGRT), m_BGRT, 0.0) - m_safe)
+        e = jnp.exp(a - m_safe[..., None])
+        pv = jnp.einsum("BGRTC,BCGV->BGRTV", jnp.sign(p) * e, v_c.astype(jnp.float32))
+        return (m_new, l_BGRT * corr + jnp.sum(e, axis=-1), acc_BGRTV * corr[..., None] + pv), None
+
+    r = h // g
+    init = (
+        jnp.full((b, g, r, t), -jnp.inf, jnp.float32),
+        jnp.zeros((b, g, r, t), jnp.float32),
+        jnp.zeros((b, g, r, t, vd), jnp.float32),
+    )
+    (m, l, acc), _ = jax.lax.scan(body, init, xs)
+    o_BGRTV = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    lse_BGRT = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+    return jnp.moveaxis(o_BGRTV, 3, 1).reshape(b, t, h, vd), lse_BGRT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _cog_chunked(causal, chunk, q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT, kseg_BS):
+    o, _ = _chunked_forward(causal, chunk, q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT,
+                            kseg_BS)  # fmt: skip
+    return o.astype(q_BTHK.dtype)
+
+
+def _cog_chunked_fwd(causal, chunk, *args):
+    o, lse = _chunked_forward(causal, chunk, *args)
+    return o.astype(args[0].dtype), (args, o, lse)
+
+
+def _cog_chunked_bwd(causal, chunk, res, do_BTHV):
+    """Flash-style: each tile's weights are recomputed from the saved row log-sum-exp.
+
+    With π = softmax(|P|) and W = sign(P)·π: dV = Wᵀ dO, dW = dO Vᵀ, and through the softmax
+    and ∂|p|/∂p = sign(p), dP = sign(P)·π·(sign(P)·dW − D) with D_t = Σ_s W_ts dW_ts = dO_t·O_t.
+    """
+    (q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT, kseg_BS), o_BTHV, lse = res
+    b, t, h, kd = q_BTHK.shape
+    s, g = k_BSGK.shape[1:3]
+    r, vd = h // g, v_BSGV.shape[3]
+    qs, xs = _prepare(q_BTHK, k_BSGK, v_BSGV, qpos_BT, kpos_BS, qseg_BT, kseg_BS, chunk)
+    to_BGRTV = lambda x: jnp.moveaxis(x.astype(jnp.float32).reshape(b, t, g, r, vd), 1, 3)
+    do = to_BGRTV(do_BTHV)
+    d_BGRT = jnp.sum(do * to_BGRTV(o_BTHV), axis=-1)
+
+    def body(dqs_BTGRK, tile):
+        k_c, v_c, kpos_c, kseg_c, ok_c = tile
+        k_c, v_c = k_c.astype(jnp.float32), v_c.astype(jnp.float32)
+        p = jnp.einsum("BTGRK,BCGK->BGRTC", qs, k_c)
+        allowed = _allowed_BTC(qpos_BT, qseg_BT, kpos_c, kseg_c, ok_c, causal)
+        pi = jnp.where(allowed, jnp.exp(jnp.abs(p) - lse[..., None]), 0.0)
+        sign = jnp.sign(p)
+        dv_c = jnp.einsum("BGRTC,BGRTV->BCGV", sign * pi, do)
+        dw = jnp.einsum("BGRTV,BCGV->BGRTC", do, v_c)
+        dp = sign * pi * (sign * dw - d_BGRT[..., None])
+        dqs_BTGRK = dqs_BTGRK + jnp.einsum("BGRTC,BCGK->BTGRK", dp, k_c)
+        return dqs_BTGRK, (jnp.einsum("BGRTC,BTGRK->BCGK", dp, qs), dv_c)
+
+    dqs, (dk_n, dv_n) = jax.lax.scan(body, jnp.zeros_like(qs), xs)
+    untile = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, *x.shape[3:])[:, :s]
+    dq = (dqs * kd**-0.5).reshape(b, t, h, kd)
+    return (
+        dq.astype(q_BTHK.dtype),
+        untile(dk_n).astype(k_BSGK.dtype),
+        untile(dv_n).astype(v_BSGV.dtype),
+        None, None, None, None,
+    )  # fmt: skip
+
+
+_cog_chunked.defvjp(_cog_chunked_fwd, _cog_chunked_bwd)
+
+
+def cog_attention_chunked(
     q_BTHK: jax.Array,
     k_BSGK: jax.Array,
     v_BSGV: jax.Array,
@@ -72,62 +189,24 @@ def cog_attention_blocked(
     kv_segment_ids_BS: jax.Array | None = None,
     q_positions_BT: jax.Array | None = None,
     kv_positions_BS: jax.Array | None = None,
-    block: int = 128,
+    chunk: int = 128,
 ) -> jax.Array:
-    """Same contract as `cog_attention_reference`, blocked over keys (any S, padded inside)."""
-    b, t, h = q_BTHK.shape[:3]
-    s, g, vd = k_BSGK.shape[1], k_BSGK.shape[2], v_BSGV.shape[3]
-    block = max(1, min(block, s))
-    n = -(-s // block)
-    pad = n * block - s
-    qp = q_positions_BT if q_positions_BT is not None else jnp.arange(t)[None]
-    kp = kv_positions_BS if kv_positions_BS is not None else jnp.arange(s)[None]
-    kp = jnp.broadcast_to(kp, (kp.shape[0], s))
-    # Padded keys are invalid: a False "valid" flag removes them whatever the mask says.
-    valid_BS = jnp.ones((1, s), bool)
-    kseg = kv_segment_ids_BS if kv_segment_ids_BS is not None else segment_ids_BT
+    """Same contract as `cog_attention_reference`, in O(T·chunk) memory forward and backward.
 
-    def blocks(x, axis=1):
-        x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
-        x = x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1 :])
-        return jnp.moveaxis(x, axis, 0)
-
-    xs = (blocks(k_BSGK), blocks(v_BSGV), blocks(kp), blocks(valid_BS))
-    if kseg is not None:
-        xs = (*xs, blocks(kseg))
-    q32 = q_BTHK.astype(jnp.float32)
-
-    @jax.checkpoint
-    def body(carry, x):
-        m_BHT, l_BHT, acc_BTHV = carry
-        k_b, v_b, kp_b, ok_b = x[:4]
-        p_BHTC = _scores_BHTS(q32, k_b)
-        allowed = ok_b[:, None, :]
-        if causal:
-            allowed = allowed & (kp_b[:, None, :] <= qp[:, :, None])
-        if kseg is not None:
-            allowed = allowed & (segment_ids_BT[:, :, None] == x[4][:, None, :])
-        a_BHTC = jnp.where(allowed[:, None], jnp.abs(p_BHTC), -jnp.inf)
-        m_new = jnp.maximum(m_BHT, jnp.max(a_BHTC, axis=-1))
-        # Rows that have seen no allowed key yet keep a finite reference point of 0.
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        corr = jnp.exp(jnp.where(jnp.isfinite(m_BHT), m_BHT, 0.0) - m_safe)
-        e_BHTC = jnp.exp(a_BHTC - m_safe[..., None])
-        l_new = l_BHT * corr + jnp.sum(e_BHTC, axis=-1)
-        v = jnp.repeat(v_b.astype(jnp.float32), h // g, axis=2)
-        pv = jnp.einsum("BHTC,BCHV->BTHV", jnp.sign(p_BHTC) * e_BHTC, v)
-        acc = acc_BTHV * jnp.moveaxis(corr, 1, 2)[..., None] + pv
-        return (m_new, l_new, acc), None
-
-    init = (
-        jnp.full((b, h, t), -jnp.inf, jnp.float32),
-        jnp.zeros((b, h, t), jnp.float32),
-        jnp.zeros((b, t, h, vd), jnp.float32),
-    )
-    (_, l_BHT, acc_BTHV), _ = jax.lax.scan(body, init, xs)
-    l_BTH = jnp.moveaxis(l_BHT, 1, 2)
-    out = acc_BTHV / jnp.where(l_BTH == 0, 1.0, l_BTH)[..., None]
-    return out.astype(q_BTHK.dtype)
+    Keys are taken `chunk` at a time (S padded up inside); masks are built per tile from the
+    positions and segment ids, and kv heads are never repeated up to H.
+    """
+    t, s = q_BTHK.shape[1], k_BSGK.shape[1]
+    qpos = q_positions_BT if q_positions_BT is not None else jnp.arange(t)[None]
+    kpos = kv_positions_BS if kv_positions_BS is not None else jnp.arange(s)[None]
+    # No segment ids: every token shares segment 0, so the segment test is always true.
+    if segment_ids_BT is None:
+        qseg, kseg = jnp.zeros((1, t), jnp.int32), jnp.zeros((1, s), jnp.int32)
+    else:
+        qseg = segment_ids_BT
+        kseg = kv_segment_ids_BS if kv_segment_ids_BS is not None else segment_ids_BT
+    chunk = max(1, min(chunk, s))
+    return _cog_chunked(causal, chunk, q_BTHK, k_BSGK, v_BSGV, qpos, kpos, qseg, kseg)
 
 
 def cog_attention(
@@ -141,11 +220,11 @@ def cog_attention(
     q_positions_BT: jax.Array | None = None,
     kv_positions_BS: jax.Array | None = None,
     impl: str = "auto",
-    block: int = 128,
+    chunk: int = 128,
 ) -> jax.Array:
-    """Cog attention; `impl`: reference (materialised) | xla (blocked online softmax) | auto.
+    """Cog attention; `impl`: reference (materialised) | chunked (online softmax) | auto.
 
-    `auto` takes the materialised form when S fits one block and the blocked form otherwise.
+    `auto` takes the materialised form when S fits one chunk and the chunked form otherwise.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -153,6 +232,6 @@ def cog_attention(
         causal=causal, segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS,
         q_positions_BT=q_positions_BT, kv_positions_BS=kv_positions_BS,
     )  # fmt: skip
-    if impl == "reference" or (impl == "auto" and k_BSGK.shape[1] <= block):
+    if impl == "reference" or (impl == "auto" and k_BSGK.shape[1] <= chunk):
         return cog_attention_reference(q_BTHK, k_BSGK, v_BSGV, **kw)
-    return cog_attention_blocked(q_BTHK, k_BSGK, v_BSGV, block=block, **kw)
+    return cog_attention_chunked(q_BTHK, k_BSGK, v_BSGV, chunk=chunk, **kw)

@@ -1,5 +1,8 @@
 """Cog attention: the materialised reference against a NumPy port of the authors'
-`CogAttention.forward`, and the blocked online-softmax path against the reference."""
+`CogAttention.forward`, and the chunked online-softmax path (custom VJP) against the reference,
+outputs and gradients."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +10,12 @@ import numpy as np
 import pytest
 
 from jaxllm import ops
-from jaxllm.ops.cog_attention import cog_attention_blocked as _blocked
+from jaxllm.ops.cog_attention import cog_attention_chunked as _chunked
 
 # Jitted once per shape: the eager op-by-op dispatch dominates otherwise.
-cog_attention = jax.jit(ops.cog_attention, static_argnames=("causal", "impl", "block"))
+cog_attention = jax.jit(ops.cog_attention, static_argnames=("causal", "impl", "chunk"))
 cog_attention_reference = jax.jit(ops.cog_attention_reference, static_argnames=("causal",))
-cog_attention_blocked = jax.jit(_blocked, static_argnames=("causal", "block"))
+cog_attention_chunked = jax.jit(_chunked, static_argnames=("causal", "chunk"))
 
 FWD = dict(rtol=1e-5, atol=1e-5)  # float32, different summation order
 GRAD = dict(rtol=1e-4, atol=1e-5)
@@ -61,54 +64,100 @@ def test_weights_are_signed_and_sum_to_one_in_absolute_value():
     assert float(jnp.max(jnp.abs(jnp.triu(jnp.moveaxis(w, 2, 1), 1)))) == 0.0
 
 
-@pytest.mark.parametrize("block", [5, 64])
-def test_blocked_matches_reference_forward_and_gradients(block):
-    q, k, v = qkv()
-    f_ref = lambda *a: cog_attention_reference(*a)
-    f_blk = lambda *a: cog_attention_blocked(*a, block=block)
-    np.testing.assert_allclose(f_blk(q, k, v), f_ref(q, k, v), **FWD)
-    ct = jax.random.normal(jax.random.key(9), (2, 37, 4, 6))
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
-    g_ref = jax.jit(jax.grad(loss(f_ref), argnums=(0, 1, 2)))(q, k, v)
-    g_blk = jax.jit(jax.grad(loss(f_blk), argnums=(0, 1, 2)))(q, k, v)
-    for a, b in zip(g_blk, g_ref):
-        np.testing.assert_allclose(a, b, **GRAD)
+def check_chunked(q, k, v, chunk, fwd=FWD, grad=GRAD, **kw):
+    """Chunked against reference: the output, and the gradients of q, k, v under a random
+    cotangent. Returns the chunked (output, (dq, dk, dv))."""
+    ct = jax.random.normal(jax.random.key(9), (*q.shape[:3], v.shape[3])).astype(q.dtype)
+
+    def run(f):  # one compile per path: output and gradients together
+        out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, **kw), q, k, v)
+        return out, vjp(ct)
+
+    out, g_chk = jax.jit(lambda: run(functools.partial(_chunked, chunk=chunk)))()
+    ref, g_ref = jax.jit(lambda: run(ops.cog_attention_reference))()
+    assert out.dtype == q.dtype
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), **fwd)
+    for name, a, b in zip("qkv", g_chk, g_ref):
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), **grad,
+                                   err_msg=f"d{name}")  # fmt: skip
+    return out, g_chk
 
 
-def test_blocked_with_cache_positions_and_segments():
-    # A decode-like call: 3 queries at positions 10..12 over a 20-slot buffer (slots > 12 empty).
-    q, k, v = qkv(t=3, s=20)
-    kw = dict(q_positions_BT=jnp.arange(10, 13)[None], kv_positions_BS=jnp.arange(20)[None])
-    np.testing.assert_allclose(
-        cog_attention_blocked(q, k, v, block=7, **kw), cog_attention_reference(q, k, v, **kw), **FWD
-    )
+# 37 keys in chunks of 5 (a ragged last tile), of 16, and of 64 (one tile, S < chunk).
+@pytest.mark.parametrize("chunk,causal", [(5, True), (16, False), (64, True)])
+def test_chunked_matches_reference(chunk, causal):
+    check_chunked(*qkv(), chunk, causal=causal)
+
+
+@pytest.mark.parametrize("h,g", [(4, 1), (6, 3)])
+def test_chunked_gqa_without_repeating_kv(h, g):
+    check_chunked(*qkv(t=19, h=h, g=g), 8)
+
+
+def test_chunked_packed_rows():
     q, k, v = qkv(t=23)
-    seg = jnp.array([[1] * 10 + [2] * 13, [1] * 23])
-    np.testing.assert_allclose(
-        cog_attention_blocked(q, k, v, block=4, segment_ids_BT=seg),
-        cog_attention_reference(q, k, v, segment_ids_BT=seg),
-        **FWD,
-    )
+    seg = jnp.array([[1] * 10 + [2] * 13, [1] * 4 + [2] * 7 + [3] * 12])
+    check_chunked(q, k, v, 4, segment_ids_BT=seg)
     # The second document of row 0 is the same as that document on its own.
     alone = cog_attention_reference(q[:1, 10:], k[:1, 10:], v[:1, 10:])
     np.testing.assert_allclose(
-        cog_attention(q, k, v, segment_ids_BT=seg, impl="xla", block=4)[:1, 10:], alone, **FWD
+        cog_attention(q, k, v, segment_ids_BT=seg, impl="chunked", chunk=4)[:1, 10:], alone, **FWD
     )
+
+
+def test_chunked_decode_against_a_cache():
+    # 3 queries at positions 10..12 over a 20-slot buffer (slots > 12 not written yet).
+    q, k, v = qkv(t=3, s=20)
+    kw = dict(q_positions_BT=jnp.arange(10, 13)[None], kv_positions_BS=jnp.arange(20)[None])
+    check_chunked(q, k, v, 7, **kw)
+    # One token, per-row positions.
+    q, k, v = qkv(t=1, s=20)
+    check_chunked(q, k, v, 6, q_positions_BT=jnp.array([[3], [17]]),
+                  kv_positions_BS=jnp.arange(20)[None])  # fmt: skip
+
+
+def test_chunked_rows_without_keys_are_zero_with_zero_gradients():
+    # Queries at positions 0..3 over keys at 2..9: rows 0 and 1 see no key.
+    q, k, v = qkv(t=4, s=8)
+    kw = dict(q_positions_BT=jnp.arange(4)[None], kv_positions_BS=jnp.arange(2, 10)[None])
+    out, (dq, _, _) = check_chunked(q, k, v, 3, **kw)
+    assert float(jnp.max(jnp.abs(out[:, :2]))) == 0.0
+    assert float(jnp.min(jnp.max(jnp.abs(out[:, 2:]), axis=-1))) > 0.0
+    assert float(jnp.max(jnp.abs(dq[:, :2]))) == 0.0
+
+
+def test_chunked_bf16():
+    # bf16 inputs and outputs, float32 statistics inside both paths: the two differ by the
+    # bf16 rounding of the output and of the gradients (8 bits of mantissa).
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
+    tol = dict(rtol=2e-2, atol=2e-2)
+    check_chunked(q, k, v, 8, fwd=tol, grad=dict(rtol=5e-2, atol=5e-2))
+    ref = numpy_cog(*(x.astype(jnp.float32) for x in (q, k, v)))
+    out = cog_attention_chunked(q, k, v, chunk=8)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, **tol)
 
 
 def test_dispatch_and_bad_impl():
     q, k, v = qkv(t=40)
     ref = cog_attention_reference(q, k, v)
-    np.testing.assert_allclose(cog_attention(q, k, v, impl="auto", block=16), ref, **FWD)
-    np.testing.assert_allclose(cog_attention(q, k, v, impl="xla"), ref, **FWD)
+    np.testing.assert_allclose(cog_attention(q, k, v, impl="auto", chunk=16), ref, **FWD)
+    np.testing.assert_allclose(cog_attention(q, k, v, impl="chunked"), ref, **FWD)
     with pytest.raises(ValueError, match="impl"):
         cog_attention(q, k, v, impl="pallas")
 
 
-def test_bf16_inputs():
-    q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
-    out = cog_attention_blocked(q, k, v, block=8)
-    assert out.dtype == jnp.bfloat16
-    ref = numpy_cog(*(x.astype(jnp.float32) for x in (q, k, v)))
-    # bf16 output rounding: 8 bits of mantissa.
-    np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2)
+def test_chunked_memory_does_not_grow_as_t_squared():
+    """The chunked gradient's temporaries grow ~linearly in T; the reference's as T²."""
+
+    def temp_bytes(f, t):
+        q, k, v = (jax.ShapeDtypeStruct((1, t, h, 16), jnp.float32) for h in (2, 1, 1))
+        grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = lambda q, k, v: _chunked(q, k, v, chunk=64)
+    ref = ops.cog_attention_reference
+    small, large = temp_bytes(chunked, 256), temp_bytes(chunked, 1024)
+    # 4× the tokens: at most ~4× the memory (T²-growth would give 16×).
+    assert large < 6 * small, (small, large)
+    assert large * 8 < temp_bytes(ref, 1024)
