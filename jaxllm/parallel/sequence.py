@@ -318,13 +318,15 @@ def attention_sp(
             q_positions_BT=idx, kv_positions_BS=idx_all, scale=scale, impl=attn_impl,
         )  # fmt: skip
 
-    def ulysses(q, k, v, seg, idx):
+    def ulysses(q, k, v, seg, _idx):
         # [B, T/n, h, K] → [B, T, h/n, K]: split heads, concatenate the sequence
         swap = lambda x: lax.all_to_all(x, AXIS, 2, 1, tiled=True)
-        seg_all, idx_all = (lax.all_gather(x, AXIS, axis=1, tiled=True) for x in (seg, idx))
+        # every device holds whole rows in token order: causal by index, no positions, so
+        # `attention` may take its flash path (splash / cuDNN)
+        seg_all = lax.all_gather(seg, AXIS, axis=1, tiled=True)
         o = attention(
-            swap(q), swap(k), swap(v), causal=causal, segment_ids_BT=seg_all,
-            q_positions_BT=idx_all, kv_positions_BS=idx_all, scale=scale, impl=attn_impl,
+            swap(q), swap(k), swap(v), causal=causal, segment_ids_BT=seg_all, scale=scale,
+            impl=attn_impl,
         )  # fmt: skip
         return lax.all_to_all(o, AXIS, 1, 2, tiled=True)
 
