@@ -15,10 +15,13 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import compile as aot
 from jaxllm.ops.attention import attention, attention_reference
+from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.rules import use_rules
 from tests.helpers import assert_close, tiny
 
 MOSAIC = "tpu_custom_call"
@@ -121,6 +124,34 @@ def test_cudnn_on_gpu(packed):
     want = jax.grad(loss("reference"), (0, 1, 2))(q, k, v)
     for name, a, w in zip("qkv", got, want):
         assert_close(f"d{name}", w, a, 5e-3)
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
+def test_splash_on_a_data_tensor_mesh_runs_per_device():
+    """Under `use_rules` on data 2 × tensor 2 the kernel runs in a shard_map: each Mosaic call
+    sees its device's 2 of 4 rows and 2 of 4 heads; nothing is gathered."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    mesh = make_mesh({"data": 2, "tensor": 2},
+                     devices=aot.topology_devices(aot.parse_topology("v5e:2x2")))  # fmt: skip
+    b, t = 4, 512
+
+    def sds(shape, spec, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    x = P("data", None, "tensor")
+    args = (sds((b, t, H, K), x), sds((b, t, G, K), x), sds((b, t, G, K), x),
+            sds((b, t), P("data"), jnp.int32))  # fmt: skip
+
+    def loss(q, k, v, seg):
+        return jnp.sum(attention(q, k, v, segment_ids_BT=seg).astype(jnp.float32) ** 2)
+
+    with use_rules(mesh):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower().compile().as_text()
+    calls = [line for line in hlo.splitlines() if f'custom_call_target="{MOSAIC}"' in line]
+    assert len(calls) == 3
+    assert all(f"bf16[{b // 2},{H // 2},{t},{K}]" in line for line in calls), calls
+    assert "all-gather" not in hlo
 
 
 @pytest.mark.slow  # two train-step compiles: ~80 s on 2 shared cores
