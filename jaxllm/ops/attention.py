@@ -8,7 +8,9 @@ CPU host gets the TPU path), falling back to the XLA form wherever a fast path's
 `supports` check fails:
 
 - TPU: splash attention (`jaxllm.ops.attention_splash`): causal, packed documents, GQA.
-- CUDA: cuDNN flash attention, for rows without segment ids (see `cudnn_unsupported`).
+- CUDA: cuDNN flash attention for rows without segment ids (see `cudnn_unsupported`); packed
+  rows (and inputs cuDNN refuses) take `attention_blocked`, the XLA form 512 query rows at a
+  time, rematerialised: [B, H, 512, S] scores at once instead of [B, H, T, S].
 - elsewhere (the CPU), and for decode / prefill against a cache (absolute positions): the
   XLA form. A decode step's score row is [T≤few, S]: small, and the XLA form is fine there.
 """
@@ -119,8 +121,10 @@ def cudnn_unsupported(
     cuDNN only with per-row lengths (`query_seq_lengths`: padding, one document per row). The
     packed THD form (`q_offsets` / `kv_offsets` in the private
     `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, Hopper only) needs a
-    static maximum document count per row and was not checkable without a GPU here.
-    A dense mask would reach cuDNN as a [B, 1, T, S] bias: no memory saved.
+    static maximum document count per row and was not checkable without a GPU here. A dense
+    mask (`impl="cudnn"` by name) reaches cuDNN as a [B, 1, T, S] bf16 bias whose gradient
+    jax 0.10.2 always exports (`should_export_dbias`); whether cuDNN takes that head-broadcast
+    bias gradient was not checkable without a GPU either, so `auto` does not choose it.
     """
     t, kd = q_BTHK.shape[1], q_BTHK.shape[-1]
     if segment_ids_BT is not None or kv_segment_ids_BS is not None:
@@ -170,6 +174,45 @@ def _dot_product_attention(
         # A query row with no allowed key (a padded decode slot) gives zeros, as the reference.
         out = jnp.where(jnp.any(mask, axis=-1)[..., None, None], out, 0)
     return out
+
+
+def query_block(t: int, s: int) -> int | None:
+    """Rows per step of `attention_blocked` for a [t, s] self-attention: the largest of 512,
+    256, 128 that divides t and is smaller than it (None: no blocking pays)."""
+    if t != s:
+        return None
+    return next((c for c in (512, 256, 128) if t % c == 0 and c < t), None)
+
+
+def attention_blocked(
+    q_BTHK, k_BSGK, v_BSGV, *, block: int, causal: bool, scale, segment_ids_BT
+) -> jax.Array:
+    """The XLA form over `block` query rows at a time: [B, H, block, S] scores live at once,
+    not [B, H, T, S]. Each step is rematerialised in the backward (`jax.checkpoint`), so
+    neither pass keeps a [T, S] tensor. Same FLOPs as the XLA form (no block is skipped).
+
+    q: [B, T, H, K], k: [B, T, G, K], v: [B, T, G, V], segment_ids: [B, T] | None; T % block
+    == 0 → [B, T, H, V].
+    """
+    b, t, h, kd = q_BTHK.shape
+    n = t // block
+    pos_T = jnp.arange(t, dtype=jnp.int32)
+    q_NBCHK = q_BTHK.reshape(b, n, block, h, kd).swapaxes(0, 1)
+    pos_NBC = jnp.broadcast_to(pos_T.reshape(n, 1, block), (n, b, block))
+    seg = segment_ids_BT
+    seg_NBC = None if seg is None else seg.reshape(b, n, block).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def rows(xs):
+        q_c, pos_c, seg_c = xs
+        return _dot_product_attention(
+            q_c, k_BSGK, v_BSGV, causal=causal, scale=scale, implementation="xla",
+            segment_ids_BT=seg_c, kv_segment_ids_BS=seg, q_positions_BT=pos_c,
+            kv_positions_BS=pos_T[None],
+        )  # fmt: skip
+
+    o_NBCHV = jax.lax.map(rows, (q_NBCHK, pos_NBC, seg_NBC))
+    return o_NBCHV.swapaxes(0, 1).reshape(b, t, h, v_BSGV.shape[-1])
 
 
 def attention(
@@ -223,6 +266,11 @@ def attention(
         branches["tpu"] = splash
     if cudnn_unsupported(q_BTHK, k_BSGK, v_BSGV, causal=causal, **kw) is None:
         branches["cuda"] = dpa("cudnn")
+    elif (c := query_block(q_BTHK.shape[1], k_BSGK.shape[1])) and q_positions_BT is None:
+        if kv_segment_ids_BS is None and kv_positions_BS is None:
+            branches["cuda"] = lambda q, k, v: attention_blocked(
+                q, k, v, block=c, causal=causal, scale=scale, segment_ids_BT=segment_ids_BT
+            )
     if not branches:
         return dpa("xla")(q_BTHK, k_BSGK, v_BSGV)
     # Every branch is traced, only the lowering platform's is lowered (and compiled).

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from jaxllm.ops import attention, attention_reference, attention_splash
-from jaxllm.ops.attention import CUDNN_MAX_Q_ELEMENTS, _cudnn_on_host, cudnn_unsupported
+from jaxllm.ops.attention import (
+    CUDNN_MAX_Q_ELEMENTS,
+    _cudnn_on_host,
+    attention_blocked,
+    cudnn_unsupported,
+    query_block,
+)
 from tests.helpers import assert_close
 
 # RMS(Δ)/RMS(ref), as tests/ops/test_lightning_attention.py
@@ -86,6 +92,27 @@ def test_gradients_match_reference(impl, packed):
     kw = {"segment_ids_BT": seg} if packed else {}
     for a, b in zip(_grads(impl, q, k, v, **kw), _grads("reference", q, k, v, **kw)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_matches_reference(packed):
+    """The GPU fallback for packed rows: 3 steps of 128 query rows, GQA, outputs and grads."""
+    q, k, v, seg = _packed(2, 384, 4, 2, 8)
+    seg = seg if packed else None
+    kw = {"segment_ids_BT": seg}
+    blocked = lambda q, k, v: attention_blocked(q, k, v, block=128, causal=True, scale=None, **kw)
+    assert_close("o", attention_reference(q, k, v, **kw), blocked(q, k, v), RATIO[jnp.float32])
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    got = jax.grad(loss(blocked), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: attention_reference(q, k, v, **kw)), (0, 1, 2))(q, k, v)
+    for name, a, w in zip("qkv", got, want):
+        assert_close(f"d{name}", w, a, RATIO[jnp.float32])
+    assert (query_block(2048, 2048), query_block(384, 384), query_block(128, 128)) == (
+        512,
+        128,
+        None,
+    )
+    assert query_block(100, 100) is None and query_block(1, 512) is None
 
 
 def _splash_matches_reference(b, t, h, g, kd, *, causal, packed, dtype, grads=True):

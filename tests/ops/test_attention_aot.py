@@ -3,8 +3,8 @@
 From this CPU host: lowered for TPU, the packed GQA training step is the splash kernel (a
 Mosaic call for the forward, the dq and the dk/dv sweeps), compiled (`tpu_aot`) it holds no
 [T, S] buffer; the cache path (absolute positions) keeps the XLA form there. Lowered for
-CUDA here the op is the XLA form (no cuDNN on this host: its trace would raise, so the
-branch is left out). With
+CUDA, packed rows take the blocked XLA form (`attention_blocked`; no cuDNN on this host to
+check the plain rows' cuDNN call, whose trace would raise here). With
 libtpu (`tpu_aot`): a llama train step compiled for v5p, splash against impl="xla". On a GPU
 (`gpu`): the cuDNN call is in the program and agrees with the reference.
 """
@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import compile as aot
-from jaxllm.ops.attention import attention, attention_reference
+from jaxllm.ops.attention import attention, attention_blocked, attention_reference
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import use_rules
 from tests.helpers import assert_close, tiny
@@ -93,20 +93,37 @@ def test_cache_positions_keep_the_xla_form_on_tpu():
     assert MOSAIC not in text and _scores(text, 2, T)
 
 
-def test_cuda_lowering_without_cudnn_is_the_xla_form():
-    from jaxllm.ops.attention import _cudnn_on_host
-
-    if _cudnn_on_host():
-        pytest.skip("cuDNN present: test_cudnn_on_gpu covers this host")
+def test_cuda_lowering_of_packed_rows_is_blocked():
+    """Packed rows lowered for CUDA (cuDNN or not): the XLA form 128 query rows at a time."""
     text = _train_text("cuda")
     assert "cudnn" not in text and MOSAIC not in text
+    assert any("xf32>" in x for x in _scores(text, 128, T))
+
+
+def test_blocked_branch_compiles_without_scores():
+    """What XLA makes of a platform_dependent whose taken branch is the blocked form: the
+    cond's slots for the other branch's [T, S] residuals are gone once compiled. The CPU
+    stands in for CUDA, which this host cannot compile for; the same holds for splash on TPU
+    (test_compiled_for_tpu_holds_no_scores)."""
+    q, k, v = (jnp.zeros(x.shape, jnp.float32) for x in _abstract())
+    seg = jnp.zeros((B, T), jnp.int32)
+    kw = {"causal": True, "scale": None, "segment_ids_BT": seg}
+    blocked = lambda q, k, v: attention_blocked(q, k, v, block=128, **kw)
+    xla = lambda q, k, v: attention(q, k, v, segment_ids_BT=seg, impl="xla")
+
+    def loss(q, k, v):
+        return jnp.sum(jax.lax.platform_dependent(q, k, v, cpu=blocked, default=xla) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    assert not re.search(rf"\w+\[(?:\d+,)*{T},{T}\]", hlo)
+    assert re.search(rf"f32\[(?:\d+,)*128,{T}\]", hlo)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True])
 def test_cudnn_on_gpu(packed):
     """On a GPU: plain causal GQA rows take cuDNN (its fused call in the program), packed rows
-    the XLA form; both agree with the reference, outputs and gradients, at bf16 tolerance."""
+    the blocked XLA form; both agree with the reference (outputs, gradients) at bf16 tolerance."""
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, _abstract()))
     seg = jnp.asarray(jnp.arange(T)[None] >= jnp.array([[100], [7]]), jnp.int32)
