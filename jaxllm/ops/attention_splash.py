@@ -12,6 +12,9 @@ checked by `unsupported`:
   sequence parallelism pass those and keep the XLA form);
 - T a multiple of the block (blocks are multiples of the 128 lanes; we take 512, 256 or 128,
   the largest dividing T);
+- not inside a `shard_map` with `check_vma=True`: jax's kernel builds its `pallas_call`
+  outputs without the manual-axis types that check needs (sequence parallelism's softmax map
+  runs with `check_vma=False` for this);
 - head dims a multiple of 64 (Mosaic tiles; 64 and 128 compiled in tests/ops/
   test_attention_aot.py), float32 or bfloat16, G dividing H.
 """
@@ -66,7 +69,17 @@ def unsupported(
         return "dtypes must be one of float32 / bfloat16, the same for q, k, v"
     if segment_ids_BT is not None and segment_ids_BT.dtype != jnp.int32:
         return "segment ids must be int32"
+    if any(_varying(x) for x in (q_BTHK, k_BSGK, v_BSGV, segment_ids_BT)):
+        return "inside a shard_map with check_vma (the kernel cannot type its outputs' variance)"
     return None
+
+
+def _varying(x) -> bool:
+    """Whether x is typed as varying over manual mesh axes (a `check_vma=True` shard_map)."""
+    if x is None or not isinstance(x, jax.Array):
+        return False
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return bool(getattr(mat, "varying", None))
 
 
 def _kernel(t: int, h: int, causal: bool, interpret: bool):

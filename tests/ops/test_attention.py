@@ -2,6 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops import attention, attention_reference, attention_splash
 from jaxllm.ops.attention import (
@@ -187,6 +189,25 @@ def test_splash_support_check():
     for reason, (args, kw) in cases.items():
         assert reason in attention_splash.unsupported(*args, **{**none, **kw}), reason
     assert attention_splash.block_size(1536) == 512 and attention_splash.block_size(384) == 128
+
+
+def test_splash_fails_closed_inside_check_vma_shard_map():
+    """jax's splash `pallas_call`s carry no manual-axis types, which `check_vma=True` needs."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("s",))
+    seen = []
+
+    def local(q, k, v):
+        seen.append(attention_splash.unsupported(q, k, v, segment_ids_BT=None,
+                    kv_segment_ids_BS=None, q_positions_BT=None, kv_positions_BS=None))  # fmt: skip
+        return attention(q, k, v)
+
+    q, kv, _ = _sds(128, 2, 64, jnp.float32, g=1)
+    q, kv = (jax.ShapeDtypeStruct((4, *x.shape[1:]), x.dtype) for x in (q, kv))
+    for check in (True, False):
+        mapped = jax.shard_map(local, mesh=mesh, in_specs=P("s"), out_specs=P("s"),
+                               check_vma=check)  # fmt: skip
+        jax.jit(mapped).trace(q, kv, kv)
+    assert "check_vma" in seen[0] and seen[1] is None
 
 
 def test_impl_splash_fails_closed_by_name():

@@ -22,6 +22,7 @@ from jaxllm import compile as aot
 from jaxllm.ops.attention import attention, attention_blocked, attention_reference
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.sequence import attention_sp
 from tests.helpers import assert_close, tiny
 
 MOSAIC = "tpu_custom_call"
@@ -169,6 +170,29 @@ def test_splash_on_a_data_tensor_mesh_runs_per_device():
     assert len(calls) == 3
     assert all(f"bf16[{b // 2},{H // 2},{t},{K}]" in line for line in calls), calls
     assert "all-gather" not in hlo
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
+@pytest.mark.parametrize(("impl", "calls"), [("ulysses", 3), ("allgather", 0)])
+def test_sequence_parallel_softmax_on_tpu(impl, calls):
+    """Sequence parallelism over 4 chips: Ulysses attends whole rows per device, so splash;
+    the all-gather form attends local queries at absolute positions, so the XLA form."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    mesh = make_mesh({"data": 1, "sequence": 4},
+                     devices=aot.topology_devices(aot.parse_topology("v5e:2x2")))  # fmt: skip
+    t, g = 512, H  # Ulysses splits kv heads too: G = H keeps them unrepeated
+
+    def sds(shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(None, "sequence")))
+
+    def loss(q, k, v, seg):
+        o = attention_sp(q, k, v, mesh=mesh, impl=impl, segment_ids_BT=seg)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    args = (sds((B, t, H, K)), sds((B, t, g, K)), sds((B, t, g, K)), sds((B, t), jnp.int32))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower().compile().as_text()
+    assert hlo.count(f'custom_call_target="{MOSAIC}"') == calls
 
 
 @pytest.mark.slow  # two train-step compiles: ~80 s on 2 shared cores
