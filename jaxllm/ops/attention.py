@@ -4,8 +4,8 @@
 for by name) go through `jax.nn.dot_product_attention`; its XLA form builds the [B, H, T, S]
 scores in float32 and, for packed rows or positions, a dense [B, T, S] mask. `auto` chooses by
 the platform the program is *lowered* for (`lax.platform_dependent`, so a TPU compile from a
-CPU host gets the TPU path), falling back to the XLA form wherever a fast path's
-`supports` check fails:
+CPU host gets the TPU path), falling back to the XLA form wherever a fast path's check
+(`attention_splash.unsupported`, `cudnn_unsupported`) names a reason:
 
 - TPU: splash attention (`jaxllm.ops.attention_splash`): causal, packed documents, GQA.
 - CUDA: cuDNN flash attention for rows without segment ids (see `cudnn_unsupported`); packed
@@ -232,8 +232,9 @@ def attention(
 
     q: [B, T, H, K], k: [B, S, G, K], v: [B, S, G, V] → [B, T, H, V]. `auto`: splash when
     lowered for TPU, cuDNN when lowered for CUDA, each where its check passes
-    (`attention_splash.unsupported`, `cudnn_unsupported`); the XLA form otherwise. `splash`
-    asks for the TPU kernel by name and raises where it cannot run.
+    (`attention_splash.unsupported`, `cudnn_unsupported`); on CUDA otherwise
+    `attention_blocked` for self-attention of T > 128 tokens; the XLA form everywhere else.
+    `splash` asks for the TPU kernel by name and raises where it cannot run.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
