@@ -94,6 +94,16 @@ class MoEConfig(LayerConfig):
                 )
         return self
 
+    def check_expert_axis(self, n: int) -> None:
+        """Expert parallelism over `n` devices splits each run of equal-width experts evenly
+        (`jaxllm.parallel.expert.expert_tables`); checked with the config, before any trace."""
+        runs = [count for count, _ in width_groups(self.widths)]
+        if any(r % n for r in runs):
+            raise ValueError(
+                f"parallel.mesh.expert={n} must divide the routed experts of each width "
+                f"({'+'.join(map(str, runs))} in model.ffns.moe)"
+            )
+
     @property
     def widths(self) -> list[int]:
         w = self.expert_d_ff if self.expert_d_ff is not None else self.d_ff
