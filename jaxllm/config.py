@@ -455,6 +455,8 @@ class Config(Section):
                     f"data.domains names domain {max(d.domains.values())}: the hash router has "
                     f"model.ffns.moe.n_domains={n}"
                 )
+        if m.ffn == "moe" and (n_ep := self.parallel.mesh.expert) > 1:
+            registry.ffn("moe").config_cls.model_validate(moe).check_expert_axis(n_ep)
         if self.parallel.mesh.tensor > 1:
             t = self.parallel.mesh.tensor
             for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):

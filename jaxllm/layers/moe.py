@@ -15,8 +15,6 @@ update as `update_router_bias` and the train step adds it after the optimizer st
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 from typing import Literal
 
 import jax
@@ -30,7 +28,7 @@ from jaxllm.layers.registry import register_ffn
 from jaxllm.ops import moe_routing as R
 from jaxllm.ops.moe import ExpertGroup, moe_experts
 from jaxllm.parallel import expert as ep
-from jaxllm.precision import active_spec, use_precision
+from jaxllm.precision import active_spec, current_scaling
 
 
 class MoEConfig(LayerConfig):
@@ -95,6 +93,16 @@ class MoEConfig(LayerConfig):
                     f"and domain={self.domain} be below it"
                 )
         return self
+
+    def check_expert_axis(self, n: int) -> None:
+        """Expert parallelism over `n` devices splits each run of equal-width experts evenly
+        (`jaxllm.parallel.expert.expert_tables`); checked with the config, before any trace."""
+        runs = [count for count, _ in width_groups(self.widths)]
+        if any(r % n for r in runs):
+            raise ValueError(
+                f"parallel.mesh.expert={n} must divide the routed experts of each width "
+                f"({'+'.join(map(str, runs))} in model.ffns.moe)"
+            )
 
     @property
     def widths(self) -> list[int]:
@@ -239,7 +247,17 @@ class MoE(nnx.Module):
         capacity_factor = None if c.dropless else c.capacity_factor
         recycle_scores_TE = _scores_or_weights(scores_TE, routing, c.n_experts) * c.scale
         if ep.active():
-            with _expert_parallel_precision():
+            # The delayed-FP8 state is replicated outside the shard_map that holds each
+            # device's experts: there they use current scaling, and take the keys of the
+            # single-device experts (traced abstractly, nothing computed), so every later
+            # projection reads its own state whichever path runs.
+            if _delayed_fp8():
+                jax.eval_shape(
+                    lambda: self._local(
+                        x_TD, routing, recycle_scores_TE, groups, capacity_factor, layer
+                    )
+                )
+            with current_scaling():
                 y_TD, stats = ep.expert_parallel_ffn(
                     x_TD,
                     routing,
@@ -339,14 +357,9 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "update_router_bias", delta)
 
 
-def _expert_parallel_precision() -> contextlib.AbstractContextManager:
-    """Under expert parallelism the experts run in a shard_map where each device holds its own
-    experts, but a delayed-FP8 state lives outside it, replicated: there the experts use
-    current scaling (per-expert amax of this step) instead."""
+def _delayed_fp8() -> bool:
     spec = active_spec()
-    if spec is None or spec.fp8 != "delayed":
-        return contextlib.nullcontext()
-    return use_precision(dataclasses.replace(spec, fp8="current"))
+    return spec is not None and spec.fp8 == "delayed"
 
 
 def _scores_or_weights(scores_TE, routing: R.Routing, n_experts: int) -> jax.Array:

@@ -13,6 +13,12 @@ discovers by tracing the forward once; the numbering restarts at every `use_prec
 projections of a scanned run of layers (`jaxllm.models.scan`) are traced once for all its
 repeats: they are numbered apart (``"scan/003_q"``) and their entries are stacked [U, ...],
 one slice per repeat, handed to each scan step by `scanned_unit`.
+
+A projection that cannot use its delayed state on some path (the experts under expert
+parallelism, which run inside a shard_map that the replicated state does not enter) runs in a
+`current_scaling` block, where it takes no number; the caller numbers those projections as its
+reference path would (the MoE layer traces its single-device experts abstractly), so the keys
+of every later projection are the same whichever path traced the forward.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class _Scope:
     recorded: dict | None  # key → (repeats or None, shape of the weight's scale)
     counter: int = 0
     prefix: str = ""
+    current_only: bool = False  # inside `current_scaling`: unnumbered, the state not read
 
 
 SCAN_PREFIX = fp8_lib.SCAN_PREFIX
@@ -142,6 +149,23 @@ def scanned_unit(repeats: int, state_slice: dict | None) -> Iterator[None]:
         parent.recorded.update({k: (repeats, w) for k, (_, w) in child.recorded.items()})
 
 
+@contextlib.contextmanager
+def current_scaling() -> Iterator[None]:
+    """Delayed-scaling projections traced inside this block use current scaling (this step's
+    amax): they take no number, read no state and are not recorded. The caller numbers what
+    they stand for (see the module docstring); other modes are unchanged."""
+    scope = _ACTIVE.get()
+    if scope is None:
+        yield
+        return
+    before = scope.current_only
+    scope.current_only = True
+    try:
+        yield
+    finally:
+        scope.current_only = before
+
+
 def active_spec() -> PrecisionSpec | None:
     """The precision of the enclosing `use_precision` block (None outside one)."""
     scope = _ACTIVE.get()
@@ -183,6 +207,8 @@ def project(x: jax.Array, w: jax.Array, eq: str, *, name: str = "proj") -> jax.A
     if spec.fp8 == "blockwise":
         return fp8_lib.fp8_einsum_blockwise(eq, x, w, fp8_lib.TILE, spec.fp8_impl)
     if spec.fp8 == "delayed":
+        if scope.current_only:
+            return fp8_lib.fp8_einsum_current(eq, x, w, spec.fp8_impl)
         key = _delayed_key(scope, name, ())
         if scope.recorded is not None:
             return jnp.einsum(eq, x, w)
@@ -213,6 +239,8 @@ def project_ragged(
     if spec.fp8 == "blockwise":
         return ragged.qdq_ragged(x_ND, w_EDF, sizes_E, ("blockwise", fp8_lib.TILE))
     if spec.fp8 == "delayed":
+        if scope.current_only:
+            return ragged.fp8_ragged_current(x_ND, w_EDF, sizes_E)
         key = _delayed_key(scope, name, (w_EDF.shape[0],))
         if scope.recorded is not None:
             return grouped_matmul(x_ND, w_EDF, sizes_E)

@@ -199,7 +199,9 @@ def uses_fp8_allreduce(cfg: Config, mesh: Mesh) -> bool:
 
 def delayed_fp8_state(cfg: Config, model: Model) -> dict:
     """Fresh delayed-scaling FP8 state (zero amax histories, unit scales) for every dense
-    projection of the model, found by tracing its forward pass once."""
+    projection of the model, found by tracing its forward pass once, outside the mesh rules:
+    the keys and shapes are those of every layout (under expert parallelism the experts take
+    the single-device keys, see `jaxllm.layers.moe`), so the state is the same on any mesh."""
 
     def forward():
         params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model.abstract_params)
