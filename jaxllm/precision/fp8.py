@@ -80,13 +80,17 @@ def _kernel_plan(eq: str, impl: str, *scales) -> fp8_gemm.Plan | None:
     return fp8_gemm.plan(eq)
 
 
+def _f8_einsum(eq: str, a8: jax.Array, b8: jax.Array) -> jax.Array:
+    """``einsum(eq, a8, b8)`` with the FP8 operands fed to the dot as they are, accumulated
+    and returned in float32; the caller divides by the scalar scales after it."""
+    return jnp.einsum(eq, a8, b8, preferred_element_type=jnp.float32)
+
+
 def _scaled_gemm(eq, x8, sx, w8, sw, out_dtype, impl="xla"):
     if (p := _kernel_plan(eq, impl, sx, sw)) is not None:
         y2 = fp8_gemm.matmul(p.x2(x8), p.w2(w8), 1.0 / (sx * sw), 1.0, out_dtype, tokens="rows")
         return p.y(y2, p.sizes(x8, w8, other_is_w=True))
-    y = jnp.einsum(eq, x8.astype(out_dtype), w8.astype(out_dtype),
-                   preferred_element_type=jnp.float32)  # fmt: skip
-    return (y / (sx * sw)).astype(out_dtype)
+    return (_f8_einsum(eq, x8, w8) / (sx * sw)).astype(out_dtype)
 
 
 def _backward(eq, dy, dy_dtype, sdy, x8, sx, w8, sw, x_dtype, w_dtype, impl="xla"):
@@ -98,10 +102,8 @@ def _backward(eq, dy, dy_dtype, sdy, x8, sx, w8, sw, x_dtype, w_dtype, impl="xla
         dw = fp8_gemm.matmul(p.x2(x8).T, dy2, 1.0 / (sdy * sx), 1.0, w_dtype, tokens="inner")
         return p.x_back(dx, sizes), p.w_back(dw, sizes)
     a, b, c = es.parse(eq)
-    dx = jnp.einsum(f"{c},{b}->{a}", dy8.astype(x_dtype), w8.astype(x_dtype),
-                    preferred_element_type=jnp.float32) / (sdy * sw)  # fmt: skip
-    dw = jnp.einsum(f"{c},{a}->{b}", dy8.astype(x_dtype), x8.astype(x_dtype),
-                    preferred_element_type=jnp.float32) / (sdy * sx)  # fmt: skip
+    dx = _f8_einsum(f"{c},{b}->{a}", dy8, w8) / (sdy * sw)  # E5M2 × E4M3
+    dw = _f8_einsum(f"{c},{a}->{b}", dy8, x8) / (sdy * sx)
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
