@@ -78,6 +78,23 @@ def test_current_scaling_uses_ml_dtypes_e4m3():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
+def test_current_backward_is_the_mixed_fp8_gemm_of_the_saved_operands():
+    """dX = E5M2(dy)·E4M3(w)ᵀ and dW = E4M3(x)ᵀ·E5M2(dy), scales divided out after the GEMM:
+    ml_dtypes' roundings in NumPy, float32 sums (the CPU's FP8 dot is exact up to their order)."""
+    x, w, dy = _data(6)
+    _, dx, dw = _vjp(lambda a, b: fp8_einsum_current(EQ, a, b), x, w, dy)
+    xn, wn, dyn = (np.asarray(v) for v in (x, w, dy))
+    sx, sw = np.float32(448) / np.abs(xn).max(), np.float32(448) / np.abs(wn).max()
+    sdy = np.float32(57344) / np.abs(dyn).max()
+    xq = (xn * sx).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    wq = (wn * sw).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    dyq = (dyn * sdy).astype(ml_dtypes.float8_e5m2).astype(np.float32)
+    want_dx = np.einsum("BTHK,DHK->BTD", dyq, wq) / (sdy * sw)
+    want_dw = np.einsum("BTHK,BTD->DHK", dyq, xq) / (sdy * sx)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6 * np.abs(want_dx).max())
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-6 * np.abs(want_dw).max())
+
+
 def _np_qdq(v, dtype, scale):
     m = float(ml_dtypes.finfo(dtype).max)
     return np.clip(v * scale, -m, m).astype(dtype).astype(np.float32) / scale
