@@ -374,3 +374,51 @@ def test_packed_bad_arguments():
     q, k, v, *_ = _inputs(1, 8, 2, 64, 64, jnp.float32)
     with pytest.raises(ValueError, match="segment_ids"):
         kernel_attention(q, k, v, segment_ids=jnp.zeros((1, 7), jnp.int32))
+
+
+# The decay gradient's extra work in the reverse sweeps (decay_grad=True) must get through the
+# real lowerings too, which interpret mode does not exercise: Mosaic for TPU (ahead of time,
+# needs libtpu) and Pallas → Triton IR for CUDA (no GPU needed).
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_decay_gradient_compiles_for_tpu(topology, packed):
+    aot = importlib.import_module("jaxllm.compile")
+    if not aot.tpu_available():
+        pytest.skip("needs libtpu (pip install .[tpu])")
+    from tests.kernels_pallas.test_lightning_aot import MOSAIC, _abstract, _device
+
+    device = _device(topology)
+    block_t, chunk = tpu.default_block_sizes(device.device_kind)
+    B, H, T, K = 2, 4, 2048, 128
+    kw = dict(seq_len=T - 3, block_t=block_t, block_v=K, chunk=chunk, decay_grad=True)
+
+    def bwd(x, g, s, run):
+        return tpu.backward(x, x, x, g, s, x, s, run_BT=run, **kw)
+
+    args = (jax.ShapeDtypeStruct((B, H, T, K), jnp.bfloat16),
+            jax.ShapeDtypeStruct((H,), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, K, K), jnp.float32),
+            jax.ShapeDtypeStruct((B, T), jnp.int32) if packed else None)  # fmt: skip
+    hlo = jax.jit(bwd).trace(*_abstract(args, device)).lower().compile().as_text()
+    assert hlo.count(MOSAIC) == 2
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decay_gradient_lowers_for_cuda(dtype, packed):
+    gpu = importlib.import_module("kernels_pallas.lightning_attention.gpu")
+    B, H, T, K, V = 2, 2, 256, 128, 128
+    x = jax.ShapeDtypeStruct((B, H, T, K), dtype)
+    s = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)
+    g = jax.ShapeDtypeStruct((H,), jnp.float32)
+    run = jax.ShapeDtypeStruct((B, T), jnp.int32) if packed else None
+
+    def bwd(x, g, s, run):
+        return gpu.backward(x, x, x, g, s, x, s, run_BT=run, seq_len=T - 5, block_t=64,
+                            block_v=64, decay_grad=True)  # fmt: skip
+
+    text = jax.jit(bwd).trace(x, g, s, run).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
