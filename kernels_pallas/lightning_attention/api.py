@@ -17,6 +17,10 @@ with jit, vmap and grad like any `cond`):
 
 With `segment_ids` (packed documents) the state is reset at each document start, as
 `jaxllm.ops.lightning_attention_packed`; both kernels take the resets (`documents.py`).
+
+The log decay is differentiable: when it depends on what is being differentiated (a learned
+decay; the custom_vjp's `symbolic_zeros` primals say so) the backward kernels' reverse sweep
+also returns dL/dg (tpu.py's docstring has the terms); a fixed decay skips that work.
 """
 
 import dataclasses

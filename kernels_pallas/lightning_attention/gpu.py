@@ -14,6 +14,8 @@ and, with G_n the cotangent of S_n (G_N = the final-state cotangent, G_0 = ds0):
     G_n = λ^{L_n} G_{n+1} + (λ^{j+1} Q)ᵀ dO
 
 with D_ji = λ^{j−i} for j ≥ i, else 0. Only λ^p with p ≥ 0 is ever formed (as exp(p·g)).
+With `decay_grad` the reverse sweep also returns dL/dg, by the same terms and float32 matmuls
+as the TPU kernel (tpu.py's docstring), carrying W_n beside G_n.
 
 As in the official kernels (`lightning_attn2.py`, see linear_attention.md §2), every program
 owns one (batch·head, V-tile) pair and walks the sequence with a `fori_loop`, its float32
