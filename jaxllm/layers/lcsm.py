@@ -10,7 +10,8 @@ Sequence Model from A Unified Perspective", arXiv 2405.17383):
 
 The oscillation o_t picks the family member:
 - `none`:   o = 1 (linear attention, cosFormer-like without re-weighting);
-- `static`: o = λ_h, a learned per-head decay initialised from TNL's slopes (TNL-like);
+- `static`: o = λ_h, a learned per-head decay initialised from TNL's slopes (TNL-like); it
+  learns through every impl, the lightning kernel included;
 - `data`:   o_t = exp(log σ(W_o x_t) / τ), per channel and token (HGRN2 / GLA-like).
 With `expand: one_minus_gate` (data oscillation only) e_t = 1 − o_t, HGRN2's tied key.
 So TNL-, HGRN2- and linear-attention-like layers are points of one configuration space. The
@@ -59,12 +60,21 @@ class LCSMConfig(LayerConfig):
     )
     tau: float = Field(16.0, gt=0, description="data oscillation temperature (EOS uses 16)")
     chunk_size: int | None = Field(None, ge=1)
-    impl: Literal["auto", "reference", "xla"] = "auto"
+    impl: Literal["auto", "reference", "xla", "pallas"] = Field(
+        "auto",
+        description="the memory op's (auto: the lightning Pallas kernel on TPU / GPU for the "
+        "static and no-decay memories, else xla); pallas: the kernel (not for data)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LCSMConfig:
         if self.expand == "one_minus_gate" and self.oscillation != "data":
             raise ValueError("lcsm: expand=one_minus_gate needs oscillation=data")
+        if self.impl == "pallas" and self.oscillation == "data":
+            raise ValueError(
+                "lcsm: impl=pallas needs oscillation static or none (the data-dependent "
+                "memory, gated linear attention, has no kernel: use auto, xla or reference)"
+            )
         return self
 
 

@@ -17,7 +17,8 @@ Three ways to compute it, equal in exact arithmetic:
   Mosaic on TPU, Triton on GPU, interpret mode on the CPU. `impl="auto"` takes the kernel where
   the computation is lowered for TPU (or for CUDA when the GPU kernel imports) and the XLA form
   otherwise; the choice follows the lowering platform, so an ahead-of-time compile for TPU
-  from a CPU host gets the kernel. The kernel treats log_decay as a constant (no gradient).
+  from a CPU host gets the kernel. Every path differentiates log_decay (a learned decay, as
+  LCSM's, trains the same on every platform).
   On a mesh (under `jaxllm.parallel.rules.use_rules`) the kernel runs inside a `shard_map`
   (`kernel_per_device`: XLA cannot partition a Mosaic or Triton call), batch rows split over
   the token axes and heads over `tensor`; `lightning_attention_packed` shares it.

@@ -17,6 +17,10 @@ with jit, vmap and grad like any `cond`):
 
 With `segment_ids` (packed documents) the state is reset at each document start, as
 `jaxllm.ops.lightning_attention_packed`; both kernels take the resets (`documents.py`).
+
+The log decay is differentiable: when it depends on what is being differentiated (a learned
+decay; the custom_vjp's `symbolic_zeros` primals say so) the backward kernels' reverse sweep
+also returns dL/dg (tpu.py's docstring has the terms); a fixed decay skips that work.
 """
 
 import dataclasses
@@ -28,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from kernels_pallas.lightning_attention import tpu
 from kernels_pallas.lightning_attention.documents import document_runs
@@ -59,6 +64,8 @@ class _Config:
     block_v: int | None
     backend: str | None
     interpret: Any
+    # Set by the backward rule: whether the log decay needs its gradient.
+    decay_grad: bool = False
 
 
 def _device_kind() -> str:
@@ -97,7 +104,7 @@ def _run_tpu(cfg, interpret, fn, *args):
     unpadded, run [B, T] int32 or None."""
     V = args[2].shape[-1]
     bt, block_v, chunk = _tpu_sizes(cfg, V)
-    return _call(getattr(tpu, fn), args, bt, block_v, cfg.seq_len, interpret, chunk=chunk)
+    return _call(getattr(tpu, fn), args, bt, block_v, cfg, interpret, chunk=chunk)
 
 
 def _run_gpu(cfg, interpret, fn, *args):
@@ -108,20 +115,25 @@ def _run_gpu(cfg, interpret, fn, *args):
     # `pltpu.InterpretParams` configure the TPU interpreter, which cannot run a Triton kernel
     # (it fails on an assertion); the GPU kernel takes the generic interpreter instead.
     interpret = interpret if isinstance(interpret, bool) else True
-    return _call(getattr(gpu, fn), args, bt, block_v, cfg.seq_len, interpret)
+    return _call(getattr(gpu, fn), args, bt, block_v, cfg, interpret)
 
 
-def _call(kernel, args, bt, block_v, seq_len, interpret, **extra):
+def _call(kernel, args, bt, block_v, cfg, interpret, **extra):
     """Pads T to a multiple of bt (q, k, v, the runs and, in the backward, do), runs, unpads."""
+    seq_len = cfg.seq_len
     T_pad = _round_up(seq_len, bt)
+    backward = len(args) > 6
+    if backward:
+        extra["decay_grad"] = cfg.decay_grad
     args = [_pad_T(x, T_pad) if i in (0, 1, 2, 6) else x for i, x in enumerate(args)]
     run = args.pop(5)
     if run is not None:
         # The padding repeats the last run: its (zero) tokens start no document.
         extra["run_BT"] = jnp.pad(run, ((0, 0), (0, T_pad - seq_len)), mode="edge")
     out = kernel(*args, seq_len=seq_len, block_t=bt, block_v=block_v, interpret=interpret, **extra)
-    # forward: (o, sT); backward: (dq, dk, dv, ds0). All but the last are [B, H, T_pad, ·].
-    return (*(x[:, :, :seq_len] for x in out[:-1]), out[-1])
+    # forward: (o, sT); backward: (dq, dk, dv, ds0, dg). o, dq, dk, dv are [B, H, T_pad, ·].
+    n_tokens = 3 if backward else 1
+    return (*(x[:, :, :seq_len] for x in out[:n_tokens]), *out[n_tokens:])
 
 
 def _dispatch(cfg, fn, *args):
@@ -146,19 +158,26 @@ def _lightning(q, k, v, g, s0, run, cfg):
 
 
 def _lightning_fwd(q, k, v, g, s0, run, cfg):
-    return _dispatch(cfg, "forward", q, k, v, g, s0, run), (q, k, v, g, s0, run)
+    # symbolic_zeros: the primals say whether they depend on what is differentiated. A fixed
+    # decay (TNL's schedule) is not, and its backward skips the decay gradient's extra work.
+    primals = [None if x is None else x.value for x in (q, k, v, g, s0, run)]
+    return _dispatch(cfg, "forward", *primals), (*primals, g.perturbed)
 
 
 def _lightning_bwd(cfg, res, cts):
-    q, k, v, g, s0, run = res
-    do, dsT = cts
-    dq, dk, dv, ds0 = _dispatch(cfg, "backward", q, k, v, g, s0, run, do.astype(v.dtype), dsT)
-    # The decay is a fixed buffer (as in the official kernels): no gradient flows to it; the
-    # runs are integers.
-    return dq, dk, dv, jnp.zeros_like(g), ds0, None
+    *primals, decay_grad = res
+    v, g = primals[2], primals[3]
+    do, dsT = (jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in cts)
+    dq, dk, dv, ds0, dg = _dispatch(
+        dataclasses.replace(cfg, decay_grad=decay_grad), "backward", *primals,
+        do.astype(v.dtype), dsT,
+    )  # fmt: skip
+    dg = jnp.zeros_like(g) if dg is None else dg.astype(g.dtype)
+    # The runs are integers: no cotangent.
+    return dq, dk, dv, dg, ds0, None
 
 
-_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+_lightning.defvjp(_lightning_fwd, _lightning_bwd, symbolic_zeros=True)
 
 
 def lightning_attention(
@@ -179,8 +198,8 @@ def lightning_attention(
 
     Args:
       q_BTHK, k_BTHK: [B, T, H, K].  v_BTHV: [B, T, H, V] (bf16 or fp32; float32 accumulate).
-      log_decay_H: [H] float, log λ ≤ 0 per head; None for no decay. A non-differentiable
-        buffer (as in the official kernels): it is wrapped in `stop_gradient`.
+      log_decay_H: [H] float, log λ ≤ 0 per head; None for no decay. Differentiable (a learned
+        decay trains through the kernel; the official kernels treat it as a buffer).
       initial_state: [B, H, K, V], the state before the first token (zeros when None).
       return_final_state: also return the float32 state after the last token.
       segment_ids: None, or [B, T] int document ids of packed rows: the state is reset
@@ -209,7 +228,7 @@ def lightning_attention(
     if initial_state is not None and initial_state.shape != (B, H, K, V):
         raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}")
     g_H = jnp.zeros((H,), jnp.float32) if log_decay_H is None else log_decay_H
-    g_H = lax.stop_gradient(jnp.asarray(g_H, jnp.float32))
+    g_H = jnp.asarray(g_H, jnp.float32)
     if g_H.shape != (H,):
         raise ValueError(f"log_decay_H must have shape [H] = ({H},), got {g_H.shape}")
     run = None

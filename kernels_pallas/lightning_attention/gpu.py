@@ -14,6 +14,8 @@ and, with G_n the cotangent of S_n (G_N = the final-state cotangent, G_0 = ds0):
     G_n = λ^{L_n} G_{n+1} + (λ^{j+1} Q)ᵀ dO
 
 with D_ji = λ^{j−i} for j ≥ i, else 0. Only λ^p with p ≥ 0 is ever formed (as exp(p·g)).
+With `decay_grad` the reverse sweep also returns dL/dg, by the same terms and float32 matmuls
+as the TPU kernel (tpu.py's docstring), carrying W_n beside G_n.
 
 As in the official kernels (`lightning_attn2.py`, see linear_attention.md §2), every program
 owns one (batch·head, V-tile) pair and walks the sequence with a `fori_loop`, its float32
@@ -179,15 +181,29 @@ def _bwd_dq_kernel(g_ref, k_ref, v_ref, do_ref, s0_ref, *refs, seq_len, block_t,
     lax.fori_loop(0, k_ref.shape[0] // C, body, s0_ref[...])
 
 
-def _bwd_dkdv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, block_t, packed):
-    """Reverse sweep carrying G_n: dk [T, K] (this V tile's share), dv [T, Bv], ds0 [K, Bv]."""
-    mask_refs, (dk_ref, dv_ref, ds0_ref) = _split(refs, packed)
+def _bwd_dkdv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, block_t,
+                     packed, decay_grad):  # fmt: skip
+    """Reverse sweep carrying G_n: dk [T, K] (this V tile's share), dv [T, Bv], ds0 [K, Bv];
+    with decay_grad also W_n and dL/dg (this V tile's share, written to all 16 lanes of dg),
+    as the TPU kernel's (tpu.py: the terms and why no shortcut)."""
+    mask_refs, refs = _split(refs, packed)
+    if decay_grad:
+        s0_ref, dk_ref, dv_ref, ds0_ref, dg_ref = refs
+    else:
+        dk_ref, dv_ref, ds0_ref = refs
     C = block_t
     g = g_ref[...]
     decays = _decays(g, C)
     num_blocks = q_ref.shape[0] // C
+    j_C1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0).astype(jnp.float32)
+    # j − i on and below the diagonal (D is zero above it).
+    dist_CC = jnp.maximum(
+        lax.broadcasted_iota(jnp.int32, (C, C), 0) - lax.broadcasted_iota(jnp.int32, (C, C), 1),
+        0,
+    ).astype(jnp.float32)
 
-    def body(step, G_KV):
+    def body(step, carry):
+        G_KV = carry[0]
         n = num_blocks - 1 - step
         t = pl.ds(pl.multiple_of(n * C, C), C)
         q_CK, k_CK, v_CV, do_CV = q_ref[t, :], k_ref[t, :], v_ref[t, :], do_ref[t, :]
@@ -195,17 +211,42 @@ def _bwd_dkdv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len
             g, n, C, seq_len, decays, mask_refs
         )
         scores_CC = _dot(q_CK, k_CK, (1, 1)) * D_CC
-        dov_CC = _dot(do_CV, v_CV, (1, 1)) * D_CC
+        dov_raw_CC = _dot(do_CV, v_CV, (1, 1))
+        dov_CC = dov_raw_CC * D_CC
         dv_CV = _dot(scores_CC.astype(do_CV.dtype), do_CV, (0, 0))
         dv_CV += _dot(k_CK, G_KV.astype(k_CK.dtype)) * k_decay_C1
-        dk_CK = _dot(dov_CC.astype(q_CK.dtype), q_CK, (0, 0))
-        dk_CK += _dot(v_CV, G_KV.astype(v_CV.dtype), (1, 1)) * k_decay_C1
+        vG_CK = _dot(v_CV, G_KV.astype(v_CV.dtype), (1, 1))
+        dk_CK = _dot(dov_CC.astype(q_CK.dtype), q_CK, (0, 0)) + vG_CK * k_decay_C1
         dv_ref[t, :] = dv_CV.astype(dv_ref.dtype)
         dk_ref[t, :] = dk_CK.astype(dk_ref.dtype)
-        qd_CK = (q_CK * q_decay_C1).astype(q_CK.dtype)
-        return block_decay * G_KV + _dot(qd_CK, do_CV, (0, 0))
+        if not decay_grad:
+            qd_CK = (q_CK * q_decay_C1).astype(q_CK.dtype)
+            return (block_decay * G_KV + _dot(qd_CK, do_CV, (0, 0)),)
+        # W_KV holds W_{n+1}: the block's terms, then W ← W_n and G (tpu.py's docstring), with
+        # float32 operands: the terms partly cancel (bfloat16 ones: 3% off at weak decay).
+        W_KV, dg = carry[1:]
+        f32 = jnp.float32
+        q32, v32, do32 = q_CK.astype(f32), v_CV.astype(f32), do_CV.astype(f32)
+        L = jnp.clip(seq_len - n * C, 0, C).astype(f32)
+        k_power_C1 = jnp.maximum(L - 1.0 - j_C1, 0.0)
+        vG32_CK = _dot(v32, G_KV, (1, 1))
+        k_terms_CK = (
+            k_CK.astype(f32) * k_decay_C1 * (k_power_C1 * vG32_CK + _dot(v32, W_KV, (1, 1)))
+        )
+        dg += jnp.sum(scores_CC * dov_raw_CC * dist_CC) + jnp.sum(k_terms_CK)
+        W_KV = _dot(q32 * (q_decay_C1 * (j_C1 + 1.0)), do32, (0, 0)) + block_decay * (
+            L * G_KV + W_KV
+        )
+        G_next = block_decay * G_KV + _dot(q32 * q_decay_C1, do32, (0, 0))
+        return G_next, W_KV, dg
 
-    ds0_ref[...] = lax.fori_loop(0, num_blocks, body, dsT_ref[...])
+    carry = (dsT_ref[...],)
+    if decay_grad:
+        carry += (jnp.zeros_like(carry[0]), jnp.zeros((), jnp.float32))
+    carry = lax.fori_loop(0, num_blocks, body, carry)
+    ds0_ref[...] = carry[0]
+    if decay_grad:
+        dg_ref[...] = jnp.full(dg_ref.shape, carry[2] + jnp.sum(s0_ref[...] * carry[1]))
 
 
 def _check(q, v, run_BT, seq_len, block_t, block_v):
@@ -313,7 +354,9 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block
     return o.reshape(B, H, T, V), sT.reshape(B, H, Kp, V)[:, :, :K]
 
 
-@functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("seq_len", "block_t", "block_v", "interpret", "decay_grad")
+)
 def backward(
     q_BHTK,
     k_BHTK,
@@ -328,12 +371,13 @@ def backward(
     block_t,
     block_v,
     interpret=False,
+    decay_grad=False,
 ):
-    """Lightning attention backward: the cotangents of q, k, v and s0 (g is not differentiated).
+    """Lightning attention backward: the cotangents of q, k, v, s0 and, with decay_grad, g.
 
     Arguments as `forward`, plus do_BHTV [B, H, T, V] (o's cotangent) and dsT_BHKV [B, H, K, V]
-    (the final state's). Returns (dq, dk [B, H, T, K], dv [B, H, T, V]) in the inputs' dtypes and
-    ds0 [B, H, K, V] float32.
+    (the final state's). Returns (dq, dk [B, H, T, K], dv [B, H, T, V]) in the inputs' dtypes,
+    ds0 [B, H, K, V] float32 and dg [H] float32 (summed over the batch) or None.
     """
     _check(q_BHTK, v_BHTV, run_BT, seq_len, block_t, block_v)
     B, H, T, K = q_BHTK.shape
@@ -364,24 +408,36 @@ def backward(
         name="lightning_attention_bwd_dq",
         **common,
     )(g, k, v, do, s0, *masks)
-    dk, dv, ds0 = pl.pallas_call(
-        functools.partial(_bwd_dkdv_kernel, **kw),
+    out_specs = [partial_spec, spec["TV"], spec["KV"]]
+    out_shapes = [
+        partial_shape,
+        out_shape((B * H, T, V), v_BHTV.dtype, *inputs),
+        out_shape((B * H, Kp, V), jnp.float32, *inputs),
+    ]
+    extra_in, extra_specs = [], []
+    if decay_grad:
+        # 16 lanes (Triton's smallest tile) per (V tile, batch·head), all the same partial.
+        out_specs.append(pl.BlockSpec((None, None, 16), lambda bh, iv: (iv, bh, 0)))
+        out_shapes.append(out_shape((nV, B * H, 16), jnp.float32, *inputs))
+        extra_in, extra_specs = [s0], [spec["KV"]]
+    outs = pl.pallas_call(
+        functools.partial(_bwd_dkdv_kernel, decay_grad=decay_grad, **kw),
         in_specs=[
             *(spec[name] for name in ("g", "TK", "TK", "TV", "TV", "KV")),
             *mask_specs,
+            *extra_specs,
         ],
-        out_specs=[partial_spec, spec["TV"], spec["KV"]],
-        out_shape=[
-            partial_shape,
-            out_shape((B * H, T, V), v_BHTV.dtype, *inputs),
-            out_shape((B * H, Kp, V), jnp.float32, *inputs),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shapes,
         name="lightning_attention_bwd_dkdv",
         **common,
-    )(g, q, k, v, do, dsT, *masks)
+    )(g, q, k, v, do, dsT, *masks, *extra_in)
+    dk, dv, ds0 = outs[:3]
+    dg = outs[3][..., 0].sum(0).reshape(B, H).sum(0) if decay_grad else None
     return (
         _sum_partials(dq, B, H, K, q_BHTK.dtype),
         _sum_partials(dk, B, H, K, k_BHTK.dtype),
         dv.reshape(B, H, T, V),
         ds0.reshape(B, H, Kp, V)[:, :, :K],
+        dg,
     )

@@ -23,6 +23,21 @@ The backward pass (Lightning Attention-2 §3.3), in two sequential sweeps:
 dQ and dK sum over V, so with several V tiles each tile writes a float32 partial and the
 wrapper adds them.
 
+With `decay_grad` the reverse sweep also returns dL/dg (a per-(b, h, V tile) partial), summed
+over every place λ enters, each weighted by its exponent (d λ^p / dg = p λ^p):
+- inside the chunk: Σ_{j≥i} (j−i) D_ji (q_j·k_i)(dO_j·v_i);
+- keys into the outgoing state: Σ_i (L−1−i) λ^{L−1−i} k_i·(dS_{n+1} v_i);
+- the incoming state S_n, read by the queries with λ^{j+1} and carried on with λ^L:
+  Σ_n ⟨S_n, X_n⟩, X_n = (diag((j+1) λ^{j+1}) Q)ᵀ dO + L λ^L dS_{n+1}. The reverse sweep has
+  no S_n, but S_n is a decayed sum of the earlier chunks' key sums M_m and of S₀, so this is
+  Σ_m ⟨M_m, W_{m+1}⟩ + ⟨S₀, W_0⟩ with W_n = X_n + λ^L W_{n+1} carried like dS.
+No term cancels another, unlike the shortcut Σ_t (t+1)(q_t·dq_t − k_t·dk_t), whose terms
+grow with t while their sum does not: in bfloat16 its error reached 30% at λ = 0.3. The
+matmuls that feed dL/dg, and with them dS's update, take float32 operands (bfloat16 ones left
+it 3% off at weak decay): four [C, K]·[K, block_v]-sized float32 products per chunk, three
+more than without (one replaces dS's bfloat16 one), paid only when the decay is learned
+(api.py asks for dL/dg only then).
+
 Packed documents (optional `run_BT`, [B, T] int32: how many document starts precede each
 token; padded tokens repeat the last run) reset the state at each document start: each chunk's
 D, q decays, k decays and state decay are multiplied by the masks of `documents.py`, the same
@@ -269,10 +284,20 @@ def _dq_kernel(g_ref, k_ref, v_ref, do_ref, s0_ref, *refs, seq_len, block_t, C, 
     lax.fori_loop(0, block_t // C, chunk, 0)
 
 
+def _total(x):
+    """The sum of a 2-D array as a [1, 1] array."""
+    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
 def _dkv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, block_t, C,
-                n_blocks, packed):  # fmt: skip
-    """Reverse sweep over blocks (and chunks) with dS: write dK (a partial), dV and dS₀."""
-    mask_refs, (dk_ref, dv_ref, ds0_ref, ds_scr, d_scr) = _split(refs, packed)
+                n_blocks, packed, decay_grad):  # fmt: skip
+    """Reverse sweep over blocks (and chunks) with dS: write dK (a partial), dV and dS₀, and
+    with decay_grad dL/dg (a partial over this V tile, broadcast along a row of 128 lanes)."""
+    mask_refs, refs = _split(refs, packed)
+    if decay_grad:
+        s0_ref, dk_ref, dv_ref, ds0_ref, dg_ref, ds_scr, d_scr, w_scr, dg_scr = refs
+    else:
+        dk_ref, dv_ref, ds0_ref, ds_scr, d_scr = refs
     n = pl.program_id(3)
     g = g_ref[pl.program_id(1)]
 
@@ -280,9 +305,14 @@ def _dkv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, blo
     def _():
         ds_scr[...] = dsT_ref[0, 0]
         d_scr[...] = _decay_mask(g, C)
+        if decay_grad:
+            w_scr[...] = jnp.zeros_like(w_scr)
+            dg_scr[...] = jnp.zeros_like(dg_scr)
 
     j = _rows((C, 1))
     n_chunks = block_t // C
+    # j − i on and below the diagonal (D is zero above it).
+    dist = jnp.maximum(_rows((C, C), 0) - _rows((C, C), 1), 0.0) if decay_grad else None
 
     def chunk(r, carry):
         c = n_chunks - 1 - r
@@ -292,14 +322,28 @@ def _dkv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, blo
         L = _chunk_len(seq_len, (n_blocks - 1 - n) * block_t + c * C, C)
         D, q_decay, k_decay, s_decay = _chunk_decays(g, L, j, d_scr[...], mask_refs, rows)
         dS = ds_scr[...]
-        dp = _dot_t(do, v) * D
+        dov = _dot_t(do, v)
+        dp = dov * D
         p = _dot_t(q, k) * D
-        dk = _t_dot(dp.astype(q.dtype), q) + _dot_t(v, dS.astype(v.dtype)) * k_decay
+        v_dS = _dot_t(v, dS.astype(v.dtype))
+        dk = _t_dot(dp.astype(q.dtype), q) + v_dS * k_decay
         dv = _t_dot(p.astype(do.dtype), do) + _dot(k, dS.astype(k.dtype)) * k_decay
         dk_ref[0, 0, 0, rows, :] = dk.astype(dk_ref.dtype)
         dv_ref[0, 0, rows, :] = dv.astype(dv_ref.dtype)
-        qd = (q.astype(jnp.float32) * q_decay).astype(do.dtype)
-        ds_scr[...] = s_decay * dS + _t_dot(qd, do)
+        if decay_grad:
+            # W holds W_{n+1} here: the terms of the module docstring, then W ← W_n and dS.
+            # Their matmuls (and dS's) take float32 operands: the terms partly cancel, and
+            # bfloat16 ones (q·λ^{j+1} into dS, dS, W) put dL/dg off by 3% at weak decay.
+            f32 = jnp.float32
+            q32, v32, do32, W = q.astype(f32), v.astype(f32), do.astype(f32), w_scr[...]
+            k_power = jnp.maximum(L - 1.0 - j, 0.0)
+            k_terms = k.astype(f32) * k_decay * (k_power * _dot_t(v32, dS) + _dot_t(v32, W))
+            dg_scr[...] += _total(p * dov * dist) + _total(k_terms)
+            w_scr[...] = _t_dot(q32 * (q_decay * (j + 1.0)), do32) + s_decay * (L * dS + W)
+            ds_scr[...] = s_decay * dS + _t_dot(q32 * q_decay, do32)
+        else:
+            qd = (q.astype(jnp.float32) * q_decay).astype(do.dtype)
+            ds_scr[...] = s_decay * dS + _t_dot(qd, do)
         return carry
 
     lax.fori_loop(0, n_chunks, chunk, 0)
@@ -307,14 +351,21 @@ def _dkv_kernel(g_ref, q_ref, k_ref, v_ref, do_ref, dsT_ref, *refs, seq_len, blo
     @pl.when(n == pl.num_programs(3) - 1)
     def _():
         ds0_ref[0, 0] = ds_scr[...]
+        if decay_grad:
+            total = dg_scr[...] + _total(s0_ref[0, 0] * w_scr[...])
+            dg_ref[0, 0, 0] = jnp.broadcast_to(total, dg_ref.shape[3:])
 
 
-@functools.partial(jax.jit, static_argnames=("seq_len", "block_t", "block_v", "chunk", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("seq_len", "block_t", "block_v", "chunk", "interpret", "decay_grad"),
+)
 def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block_t, block_v,
-             chunk=None, interpret=False):  # fmt: skip
-    """(dq, dk, dv, ds0): the cotangents of `forward`'s inputs given do [B, H, T, V] and the
-    final state's cotangent dsT [B, H, K, V] float32. dq, dk, dv in the inputs' dtype, ds0
-    float32. Arguments otherwise as `forward`."""
+             chunk=None, interpret=False, decay_grad=False):  # fmt: skip
+    """(dq, dk, dv, ds0, dg): the cotangents of `forward`'s inputs given do [B, H, T, V] and
+    the final state's cotangent dsT [B, H, K, V] float32. dq, dk, dv in the inputs' dtype, ds0
+    float32; dg [H] float32 with decay_grad (summed over the batch), else None. Arguments
+    otherwise as `forward`."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     _check(T, V, seq_len, block_t, block_v)
@@ -352,21 +403,33 @@ def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block
     )(g_H, k, v, do_BHTV, s0.astype(jnp.float32), *masks)
 
     qk, vv, part, mask_specs = specs(lambda n: NB - 1 - n)
-    dk_parts, dv, ds0 = pl.pallas_call(
-        functools.partial(_dkv_kernel, n_blocks=NB, **kw),
+    out_specs = [part, vv, s_spec]
+    out_shapes = [
+        part_shape,
+        out_shape((B, H, T, V), v.dtype, *inputs),
+        out_shape((B, H, K, V), jnp.float32, *inputs),
+    ]
+    extra_in, extra_specs = [], []
+    if decay_grad:
+        # A row of 128 lanes per (V tile, b, h), every lane the same partial of dL/dg.
+        out_specs.append(pl.BlockSpec((1, 1, 1, 1, 128), lambda b, h, e, n: (e, b, h, 0, 0)))
+        out_shapes.append(out_shape((NV, B, H, 1, 128), jnp.float32, *inputs))
+        scratch = [*scratch, pltpu.VMEM((K, block_v), jnp.float32),
+                   pltpu.VMEM((1, 128), jnp.float32)]  # fmt: skip
+        extra_in, extra_specs = [s0.astype(jnp.float32)], [s_spec]
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, n_blocks=NB, decay_grad=decay_grad, **kw),
         grid=grid,
-        in_specs=[_g_spec(), qk, qk, vv, vv, s_spec, *mask_specs],
-        out_specs=[part, vv, s_spec],
-        out_shape=[
-            part_shape,
-            out_shape((B, H, T, V), v.dtype, *inputs),
-            out_shape((B, H, K, V), jnp.float32, *inputs),
-        ],
+        in_specs=[_g_spec(), qk, qk, vv, vv, s_spec, *mask_specs, *extra_specs],
+        out_specs=out_specs,
+        out_shape=out_shapes,
         scratch_shapes=scratch,
         **_params(interpret, 3),
-    )(g_H, q, k, v, do_BHTV, dsT_BHKV.astype(jnp.float32), *masks)
+    )(g_H, q, k, v, do_BHTV, dsT_BHKV.astype(jnp.float32), *masks, *extra_in)
+    dk_parts, dv, ds0 = outs[:3]
+    dg = outs[3][..., 0, 0].sum(axis=(0, 1)) if decay_grad else None
 
     def total(parts, dtype):
         return parts[0] if NV == 1 else parts.sum(0).astype(dtype)
 
-    return total(dq_parts, q.dtype), total(dk_parts, k.dtype), dv, ds0
+    return total(dq_parts, q.dtype), total(dk_parts, k.dtype), dv, ds0, dg

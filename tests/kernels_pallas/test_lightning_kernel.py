@@ -1,7 +1,7 @@
 """The lightning attention Pallas kernels through their entry point, in interpret mode on the
 CPU (the TPU kernel, and the GPU one with backend="gpu"), against
-`lightning_attention_reference`: output, final state and the gradients of q, k, v and the
-initial state, with a cotangent on the final state too.
+`lightning_attention_reference`: output, final state and the gradients of q, k, v, the
+log decay and the initial state, with a cotangent on the final state too.
 The same with packed documents (segment_ids: the state reset at each document start) against
 `lightning_attention_packed_reference`.
 
@@ -60,34 +60,42 @@ def _inputs(B, T, H, K, V, dtype, seed=0):
     return q, k, v, s0, do, dsT
 
 
-def _vjp(fn, q, k, v, s0, do, dsT):
-    """(o, final state, (dq, dk, dv, ds0)) of fn(q, k, v, initial_state=s0)."""
-    (o, sT), vjp = jax.vjp(lambda q, k, v, s0: fn(q, k, v, s0), q, k, v, s0)
+def _vjp(fn, q, k, v, g, s0, do, dsT):
+    """(o, final state, (dq, dk, dv, dg, ds0)) of fn(q, k, v, g, s0) = (o, final state)."""
+    (o, sT), vjp = jax.vjp(fn, q, k, v, g, s0)
     return o, sT, vjp((do, dsT))
+
+
+def _differentiable(g, H):
+    """No decay as log λ = 0, so that its gradient (at λ = 1) is compared too."""
+    return jnp.zeros((H,), jnp.float32) if g is None else g
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dlog_decay", "ds0")
 
 
 def _check(B, T, H, K, V, decay, dtype, seed=0, **kw):
     q, k, v, s0, do, dsT = _inputs(B, T, H, K, V, dtype, seed)
-    g = _log_decay(decay, H)
+    g = _differentiable(_log_decay(decay, H), H)
 
     @jax.jit
-    def both(q, k, v, s0, do, dsT):
-        def kern(q, k, v, s0):
+    def both(q, k, v, g, s0, do, dsT):
+        def kern(q, k, v, g, s0):
             return kernel_attention(q, k, v, g, initial_state=s0, return_final_state=True, **kw)
 
-        def ref(q, k, v, s0):
+        def ref(q, k, v, g, s0):
             return lightning_attention_reference(
                 q, k, v, g, initial_state=s0, return_final_state=True
             )
 
-        return _vjp(kern, q, k, v, s0, do, dsT), _vjp(ref, q, k, v, s0, do, dsT)
+        return _vjp(kern, q, k, v, g, s0, do, dsT), _vjp(ref, q, k, v, g, s0, do, dsT)
 
-    (o, sT, grads), (o_r, sT_r, grads_r) = both(q, k, v, s0, do, dsT)
+    (o, sT, grads), (o_r, sT_r, grads_r) = both(q, k, v, g, s0, do, dsT)
     ratio = F32_RATIO if dtype == jnp.float32 else BF16_RATIO
     assert o.dtype == dtype and sT.dtype == jnp.float32
     assert_close("o", o_r, o, ratio)
     assert_close("final state", sT_r, sT, ratio)
-    for name, ref, got in zip(("dq", "dk", "dv", "ds0"), grads_r, grads, strict=True):
+    for name, ref, got in zip(GRAD_NAMES, grads_r, grads, strict=True):
         assert got.dtype == ref.dtype
         assert_close(name, ref, got, ratio)
 
@@ -158,12 +166,12 @@ def test_ops_pallas_and_auto():
     g = _log_decay("tnl", H)
 
     def run(impl):
-        def fn(q, k, v, s0):
+        def fn(q, k, v, g, s0):
             return lightning_attention(
                 q, k, v, g, initial_state=s0, return_final_state=True, impl=impl
             )
 
-        return jax.jit(lambda *a: _vjp(fn, *a))(q, k, v, s0, do, dsT)
+        return jax.jit(lambda *a: _vjp(fn, *a))(q, k, v, g, s0, do, dsT)
 
     ref, pallas, auto, xla = (run(i) for i in ("reference", "pallas", "auto", "xla"))
     jax.tree.map(lambda r, p: assert_close("impl=pallas", r, p, F32_RATIO), ref, pallas)
@@ -172,12 +180,36 @@ def test_ops_pallas_and_auto():
     )
 
 
-def test_log_decay_is_a_constant():
-    """The kernel treats the decay as a buffer: its gradient is zero, the others unaffected."""
-    q, k, v, *_ = _inputs(1, 20, 2, 64, 64, jnp.float32)
-    g = _log_decay("tnl", 2)
-    dg = jax.grad(lambda g: kernel_attention(q, k, v, g, block_t=64).sum())(g)
-    np.testing.assert_array_equal(np.asarray(dg), 0.0)
+def test_log_decay_gradient_matches_finite_differences():
+    """The decay is differentiable through the kernel (it used to be a constant with a zero
+    gradient): along a random direction of log λ, the kernel's derivative of a loss on o and
+    the final state equals a central difference of the packed reference in float64."""
+    B, T, H, K, V = 2, 45, 2, 8, 8
+    q, k, v, s0, do, dsT = _inputs(B, T, H, K, V, jnp.float32, seed=3)
+    seg = jnp.asarray(np.stack([_segments(T, [11, 30], 4), _segments(T, [44], 0)]))
+    g = _log_decay("tnl", H)
+    direction = np.array([0.6, -0.8])
+
+    def loss(g):
+        o, sT = kernel_attention(
+            q, k, v, g, initial_state=s0, return_final_state=True, segment_ids=seg, block_t=64
+        )
+        return jnp.sum(o * do) + jnp.sum(sT * dsT)
+
+    dg = np.asarray(jax.jit(jax.grad(loss))(g), np.float64)
+    assert np.all(dg != 0)
+    eps = 1e-4
+    with jax.enable_x64(True):
+        x = [jnp.asarray(a, jnp.float64) for a in (q, k, v, s0, do, dsT, g, direction)]
+
+        def loss64(g):
+            o, sT = lightning_attention_packed_reference(
+                *x[:3], g, seg, initial_state=x[3], return_final_state=True
+            )
+            return jnp.sum(o * x[4]) + jnp.sum(sT * x[5])
+
+        fd = (loss64(x[6] + eps * x[7]) - loss64(x[6] - eps * x[7])) / (2 * eps)
+    np.testing.assert_allclose(dg @ direction, float(fd), rtol=1e-4)
 
 
 def test_bad_arguments():
@@ -223,29 +255,29 @@ def _segments(T, starts, pad=0):
 def _check_packed(segment_ids, H, K, V, decay, dtype, seed=0, **kw):
     B, T = segment_ids.shape
     q, k, v, s0, do, dsT = _inputs(B, T, H, K, V, dtype, seed)
-    g = _log_decay(decay, H)
+    g = _differentiable(_log_decay(decay, H), H)
     seg = jnp.asarray(segment_ids)
 
     @jax.jit
-    def both(q, k, v, s0, do, dsT):
-        def kern(q, k, v, s0):
+    def both(q, k, v, g, s0, do, dsT):
+        def kern(q, k, v, g, s0):
             return kernel_attention(
                 q, k, v, g, initial_state=s0, return_final_state=True, segment_ids=seg, **kw
             )
 
-        def ref(q, k, v, s0):
+        def ref(q, k, v, g, s0):
             return lightning_attention_packed_reference(
                 q, k, v, g, seg, initial_state=s0, return_final_state=True
             )
 
-        return _vjp(kern, q, k, v, s0, do, dsT), _vjp(ref, q, k, v, s0, do, dsT)
+        return _vjp(kern, q, k, v, g, s0, do, dsT), _vjp(ref, q, k, v, g, s0, do, dsT)
 
-    (o, sT, grads), (o_r, sT_r, grads_r) = both(q, k, v, s0, do, dsT)
+    (o, sT, grads), (o_r, sT_r, grads_r) = both(q, k, v, g, s0, do, dsT)
     ratio = F32_RATIO if dtype == jnp.float32 else BF16_RATIO
     assert o.dtype == dtype and sT.dtype == jnp.float32
     assert_close("o", o_r, o, ratio)
     assert_close("final state", sT_r, sT, ratio)
-    for name, ref, got in zip(("dq", "dk", "dv", "ds0"), grads_r, grads, strict=True):
+    for name, ref, got in zip(GRAD_NAMES, grads_r, grads, strict=True):
         assert_close(name, ref, got, ratio)
 
 
@@ -324,12 +356,12 @@ def test_ops_packed_pallas_and_auto():
     seg = jnp.asarray(np.stack([_segments(T, [20, 33], 7), _segments(T, [64], 0)]))
 
     def run(impl):
-        def fn(q, k, v, s0):
+        def fn(q, k, v, g, s0):
             return lightning_attention_packed(
                 q, k, v, g, seg, initial_state=s0, return_final_state=True, impl=impl
             )
 
-        return jax.jit(lambda *a: _vjp(fn, *a))(q, k, v, s0, do, dsT)
+        return jax.jit(lambda *a: _vjp(fn, *a))(q, k, v, g, s0, do, dsT)
 
     ref, pallas, auto, xla = (run(i) for i in ("reference", "pallas", "auto", "xla"))
     jax.tree.map(lambda r, p: assert_close("impl=pallas", r, p, F32_RATIO), ref, pallas)
@@ -342,3 +374,51 @@ def test_packed_bad_arguments():
     q, k, v, *_ = _inputs(1, 8, 2, 64, 64, jnp.float32)
     with pytest.raises(ValueError, match="segment_ids"):
         kernel_attention(q, k, v, segment_ids=jnp.zeros((1, 7), jnp.int32))
+
+
+# The decay gradient's extra work in the reverse sweeps (decay_grad=True) must get through the
+# real lowerings too, which interpret mode does not exercise: Mosaic for TPU (ahead of time,
+# needs libtpu) and Pallas → Triton IR for CUDA (no GPU needed).
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_decay_gradient_compiles_for_tpu(topology, packed):
+    aot = importlib.import_module("jaxllm.compile")
+    if not aot.tpu_available():
+        pytest.skip("needs libtpu (pip install .[tpu])")
+    from tests.kernels_pallas.test_lightning_aot import MOSAIC, _abstract, _device
+
+    device = _device(topology)
+    block_t, chunk = tpu.default_block_sizes(device.device_kind)
+    B, H, T, K = 2, 4, 2048, 128
+    kw = dict(seq_len=T - 3, block_t=block_t, block_v=K, chunk=chunk, decay_grad=True)
+
+    def bwd(x, g, s, run):
+        return tpu.backward(x, x, x, g, s, x, s, run_BT=run, **kw)
+
+    args = (jax.ShapeDtypeStruct((B, H, T, K), jnp.bfloat16),
+            jax.ShapeDtypeStruct((H,), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, K, K), jnp.float32),
+            jax.ShapeDtypeStruct((B, T), jnp.int32) if packed else None)  # fmt: skip
+    hlo = jax.jit(bwd).trace(*_abstract(args, device)).lower().compile().as_text()
+    assert hlo.count(MOSAIC) == 2
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decay_gradient_lowers_for_cuda(dtype, packed):
+    gpu = importlib.import_module("kernels_pallas.lightning_attention.gpu")
+    B, H, T, K, V = 2, 2, 256, 128, 128
+    x = jax.ShapeDtypeStruct((B, H, T, K), dtype)
+    s = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)
+    g = jax.ShapeDtypeStruct((H,), jnp.float32)
+    run = jax.ShapeDtypeStruct((B, T), jnp.int32) if packed else None
+
+    def bwd(x, g, s, run):
+        return gpu.backward(x, x, x, g, s, x, s, run_BT=run, seq_len=T - 5, block_t=64,
+                            block_v=64, decay_grad=True)  # fmt: skip
+
+    text = jax.jit(bwd).trace(x, g, s, run).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2

@@ -106,6 +106,18 @@ def test_chunked_matches_reference(B, T, H, K, V, chunk, segment, decay):
         assert_close(name, r, g, F32_RATIO)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["strong", "none"])
+def test_pallas_matches_reference(case):
+    """impl="pallas" (the kernel, interpreted here): outputs and every gradient, the log
+    decay's included (the kernel used to return zero for it)."""
+    B, T, H, K, V, _, _, decay = case
+    args = _inputs(B, T, H, K, V, decay)
+    ref = _outputs_and_grads(*args, impl="reference")
+    got = _outputs_and_grads(*args, impl="pallas")
+    for name, r, g in zip(NAMES, jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        assert_close(name, r, g, F32_RATIO)
+
+
 def test_chunked_bfloat16_inputs():
     args = _inputs(2, 200, 2, 16, 16, "tnl", dtype=jnp.bfloat16)
     got = _outputs_and_grads(*args, impl="xla")
