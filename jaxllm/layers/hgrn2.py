@@ -34,11 +34,7 @@ from jaxllm.layers.lightning import linear_attention_flops
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.registry import register_mixer
 from jaxllm.ops.gated_linear_attention import DEFAULT_CHUNK_SIZE as GLA_CHUNK_SIZE
-from jaxllm.ops.gated_linear_attention import (
-    gated_linear_attention,
-    gated_linear_attention_step,
-    reset_log_gate,
-)
+from jaxllm.ops.gated_linear_attention import gated_linear_attention, gated_linear_attention_step
 from jaxllm.parallel import sequence
 from jaxllm.parallel.rules import constrain
 
@@ -52,9 +48,10 @@ def gated_attend(
 ) -> tuple[jax.Array, Cache | None]:
     """S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t, continuing `cache` if given.
 
-    Packed rows: the log gate of each document's first token gets `RESET_LOG_GATE`, which
-    wipes the previous document's state (`reset_log_gate`). On a mesh with a `sequence` axis
-    (training, no cache) this runs as LASP-2 / LASP-1 (`jaxllm.parallel.sequence`).
+    Packed rows (segment_ids_BT [B, T]): the state is reset exactly where the id changes; a
+    cache's state continues the first document (so one decoded token never resets). On a
+    mesh with a `sequence` axis (training, no cache) this runs as LASP-2 / LASP-1
+    (`jaxllm.parallel.sequence`).
     """
     t = q_BTHK.shape[1]
     if cache is None and (sp := sequence.active("linear")) is not None:
@@ -64,8 +61,6 @@ def gated_attend(
             chunk_size=chunk_size, segment_ids_BT=segment_ids_BT,
         )  # fmt: skip
         return o_BTHV, None
-    if segment_ids_BT is not None:
-        log_gate_BTHK = reset_log_gate(log_gate_BTHK, segment_ids_BT)
     state = None if cache is None else cache["state"]
     if cache is not None and t == 1:
         o_BHV, state = gated_linear_attention_step(
@@ -74,8 +69,8 @@ def gated_attend(
         o_BTHV = o_BHV[:, None]
     else:
         o_BTHV, state = gated_linear_attention(
-            q_BTHK, k_BTHK, v_BTHV, log_gate_BTHK, initial_state=state,
-            return_final_state=True, chunk_size=chunk_size, impl=impl,
+            q_BTHK, k_BTHK, v_BTHV, log_gate_BTHK, segment_ids_BT=segment_ids_BT,
+            initial_state=state, return_final_state=True, chunk_size=chunk_size, impl=impl,
         )  # fmt: skip
     if cache is None:
         return o_BTHV, None

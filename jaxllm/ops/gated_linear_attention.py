@@ -15,6 +15,15 @@ k = 1 − f, v = the input, log_gate = log f (fla's `chunk_gla` with scale=1).
   (fla #215 is the overflow of the k·exp(−b) factoring), and, unlike fla's exp(b_t − b_s)
   with b a running sum, no small sum is taken as the difference of two large ones, which
   keeps the forward and the gradient of the gates as accurate as the scan's.
+
+Packed rows (`segment_ids_BT` [B, T]): the state is reset where the id changes, r_t = 1 when
+t > 0 and seg_t ≠ seg_{t−1}, S_t = (1 − r_t) diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, exactly (as
+fla's varlen `cu_seqlens`): the scan zeroes the state; the chunked form multiplies each decay
+factor by "no reset in its range" — pairs (t, s) of different documents are masked, the state
+entering a chunk reaches only the chunk's first document, the state leaving it is built only
+from its last document, and a chunk holding a reset passes no carried state on. The gates stay
+finite, so there is no ∞ − ∞ and the gate of a document's first token gets no gradient. The
+initial state continues the row's first document (a decode prefix continues its document).
 """
 
 import jax
@@ -32,20 +41,14 @@ SUB_CHUNK_SIZE = 16
 # remat took 23.7 GiB of XLA temp memory and 82 ms, segments of 1024 with remat ~4 GiB and
 # ~115 ms. benchmarks/linear_attention.py: 1.45 µs/token from 4K to 64K tokens.
 SEGMENT_TOKENS = 1024
-# Packed rows: added to the log gate of a document's first token, it multiplies the previous
-# document's state by e^−40 ≈ 4e−18 (a true −∞ would give ∞ − ∞ inside the chunked op's
-# cumulative sums; 40 keeps their float32 rounding near 1e−6).
-RESET_LOG_GATE = -40.0
 
 
-def reset_log_gate(log_gate_BTHK, segment_ids_BT):
-    """log_gate [B, T, H, K] with `RESET_LOG_GATE` added where the segment id [B, T] changes
-    (a document start; never at t = 0, so an initial state continues the first document)."""
-    start_BT = jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
-    return log_gate_BTHK + jnp.where(start_BT, RESET_LOG_GATE, 0.0)[..., None, None]
+def document_starts(segment_ids_BT):
+    """[B, T] ids → [B, T] bool: token t starts a new document (t > 0 and the id changes)."""
+    return jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
 
 
-def _check_shapes(q, k, v, log_gate, initial_state):
+def _check_shapes(q, k, v, log_gate, initial_state, segment_ids_BT=None):
     if q.ndim != 4 or q.shape != k.shape or q.shape != log_gate.shape:
         raise ValueError(
             "q, k and log_gate must all be [B, T, H, K], got "
@@ -58,6 +61,10 @@ def _check_shapes(q, k, v, log_gate, initial_state):
     if initial_state is not None and initial_state.shape != (B, H, K, V):
         raise ValueError(
             f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got {initial_state.shape}"
+        )
+    if segment_ids_BT is not None and segment_ids_BT.shape != q.shape[:2]:
+        raise ValueError(
+            f"segment_ids_BT must be [B, T] = {q.shape[:2]}, got {segment_ids_BT.shape}"
         )
 
 
@@ -90,23 +97,29 @@ def gated_linear_attention_step(q_t, k_t, v_t, g_t, state):
 
 
 def gated_linear_attention_reference(
-    q, k, v, log_gate, *, initial_state=None, return_final_state=False
+    q, k, v, log_gate, *, segment_ids_BT=None, initial_state=None, return_final_state=False
 ):
-    """The recurrence S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t as a float32 scan.
+    """The recurrence S_t = (1 − r_t) diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t as a
+    float32 scan (r_t = 1 where a packed document starts, 0 without segment ids).
 
     Arguments and return value as `gated_linear_attention`.
     """
-    _check_shapes(q, k, v, log_gate, initial_state)
-    B, _, H, K = q.shape
+    _check_shapes(q, k, v, log_gate, initial_state, segment_ids_BT)
+    B, T, H, K = q.shape
     V = v.shape[-1]
 
-    def step(state_BHKV, qkvg_t):
-        q_t, k_t, v_t, g_t = qkvg_t
+    def step(state_BHKV, xs):
+        q_t, k_t, v_t, g_t, start_B = xs
+        state_BHKV = jnp.where(start_B[:, None, None, None], 0.0, state_BHKV)
         o_BHV, state_BHKV = gated_linear_attention_step(q_t, k_t, v_t, g_t, state_BHKV)
         return state_BHKV, o_BHV
 
     qkvg_T = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, log_gate))
-    state_BHKV, o_TBHV = lax.scan(step, _state_BHKV(initial_state, B, H, K, V), qkvg_T)
+    if segment_ids_BT is None:
+        start_TB = jnp.zeros((T, B), bool)
+    else:
+        start_TB = document_starts(segment_ids_BT).T
+    state_BHKV, o_TBHV = lax.scan(step, _state_BHKV(initial_state, B, H, K, V), (*qkvg_T, start_TB))
     return _finish(jnp.moveaxis(o_TBHV, 0, 1), q.dtype, state_BHKV, return_final_state)
 
 
@@ -118,8 +131,9 @@ def _sum_after(g, axis):
     )
 
 
-def _intra_chunk(q_XCHK, k_XCHK, v_XCHV, g_XCHK, c):
-    """Σ_{s≤t in the chunk} (Σ_K q_t k_s exp(Σ_{s<i≤t} g_i)) v_s for chunks of C = I·c tokens.
+def _intra_chunk(q_XCHK, k_XCHK, v_XCHV, g_XCHK, c, doc_XC=None):
+    """Σ_{s≤t in the chunk} (Σ_K q_t k_s exp(Σ_{s<i≤t} g_i)) v_s for chunks of C = I·c tokens;
+    with doc_XC [X, C] (document index within the chunk), only pairs of the same document.
 
     X is any leading shape. For query sub-chunk i and s in an earlier sub-chunk j, the sum
     splits at the sub-chunk boundary into (gates from the start of sub-chunk i up to t) +
@@ -127,7 +141,9 @@ def _intra_chunk(q_XCHK, k_XCHK, v_XCHV, g_XCHK, c):
     the cross-sub-chunk pairs are one matmul. Pairs inside a sub-chunk take the gate sums
     elementwise ([c, c, K]). Every exponent is a sum of gates over its own range, never a
     difference of cumulative sums: that would lose the small sums next to large ones and
-    leave +x − x cancellations in the gradient of the gates.
+    leave +x − x cancellations in the gradient of the gates. Pairs of different documents
+    are masked on the scores: their factors are finite (gates are never −∞), so the mask
+    zeroes their value and gradient alike.
     """
     *X, C, H, K = q_XCHK.shape
     V = v_XCHV.shape[-1]
@@ -160,6 +176,10 @@ def _intra_chunk(q_XCHK, k_XCHK, v_XCHV, g_XCHK, c):
     k_off_XISHK = k_off_XIJCHK.reshape(*X, n_I, C, H, K)
     q_off_XICHK = q_XICHK * jnp.exp(upto_XICHK)
     scores_XHICS = jnp.einsum("...ICHK,...ISHK->...HICS", q_off_XICHK, k_off_XISHK)
+    if doc_XC is not None:
+        doc_XIC = doc_XC.reshape(*X, n_I, c)
+        same_XICS = doc_XIC[..., :, :, None] == doc_XC[..., None, None, :]
+        scores_XHICS = jnp.where(same_XICS[..., None, :, :, :], scores_XHICS, 0.0)
     o_XICHV = jnp.einsum("...HICS,...SHV->...ICHV", scores_XHICS, v_XCHV)
 
     # Inside a sub-chunk: sum_ts = Σ_{s<i≤t} g_i, a cumulative sum over i of g_i·[i > s].
@@ -169,6 +189,9 @@ def _intra_chunk(q_XCHK, k_XCHK, v_XCHV, g_XCHK, c):
     causal_TS = np.tril(np.ones((c, c), bool))
     gates_XITSHK = jnp.where(causal_TS[:, :, None, None], jnp.exp(sum_XITSHK), 0.0)
     scores_XHITS = jnp.einsum("...ITHK,...ISHK,...ITSHK->...HITS", q_XICHK, k_XICHK, gates_XITSHK)
+    if doc_XC is not None:
+        same_XITS = doc_XIC[..., :, :, None] == doc_XIC[..., :, None, :]
+        scores_XHITS = jnp.where(same_XITS[..., None, :, :, :], scores_XHITS, 0.0)
     o_XICHV += jnp.einsum("...HITS,...ISHV->...ITHV", scores_XHITS, v_XICHV)
     return o_XICHV.reshape(*X, C, H, V)
 
@@ -180,7 +203,7 @@ def _chunks(x, n_seg, G, C):
     return jnp.moveaxis(x.reshape(B, n_seg, G, C, *x.shape[2:]), 1, 0)
 
 
-def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c):
+def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c, start_BNC=None):
     """N consecutive chunks from state S: returns (S after them, o [B, N, C, H, V]).
 
     With S_n the state entering chunk n and sums of gates inside the chunk:
@@ -188,32 +211,44 @@ def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c):
       S_{n+1} = diag(exp(Σ_i g_i)) S_n + Σ_s (k_s ⊙ exp(Σ_{i>s} g_i))ᵀ v_s,
     every exponent a sum of gates, so ≤ 0. The intra-chunk parts and the per-chunk sums run
     for all N chunks at once; only S_{n+1} = a_n S_n + M_n is sequential, N small steps.
+
+    start_BNC (packed rows, float 0/1 document starts): each factor also needs no reset in its
+    range, told by the count of resets so far in the chunk: S_n reaches the tokens before the
+    first reset, M_n takes the keys after the last one, and a_n is 0 if the chunk has one.
     """
     upto_BNCHK = jnp.cumsum(g_BNCHK, axis=2)
-    o_BNCHV = _intra_chunk(q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c)
+    doc_BNC = None if start_BNC is None else jnp.cumsum(start_BNC, axis=2)
+    o_BNCHV = _intra_chunk(q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c, doc_BNC)
 
     k_out_BNCHK = k_BNCHK * jnp.exp(_sum_after(g_BNCHK, 2))
+    q_in_BNCHK = q_BNCHK * jnp.exp(upto_BNCHK)
+    a_BNHK = jnp.exp(upto_BNCHK[:, :, -1])
+    if doc_BNC is not None:
+        last_BNC = doc_BNC == doc_BNC[:, :, -1:]
+        k_out_BNCHK = jnp.where(last_BNC[..., None, None], k_out_BNCHK, 0.0)
+        q_in_BNCHK = jnp.where((doc_BNC == 0)[..., None, None], q_in_BNCHK, 0.0)
+        a_BNHK = jnp.where((doc_BNC[:, :, -1] == 0)[..., None, None], a_BNHK, 0.0)
     M_BNHKV = jnp.einsum("BNCHK,BNCHV->BNHKV", k_out_BNCHK, v_BNCHV)
 
     def carry(S_BHKV, a_M):
         a_BHK, M_BHKV = a_M
         return a_BHK[..., None] * S_BHKV + M_BHKV, S_BHKV
 
-    a_NBHK = jnp.moveaxis(jnp.exp(upto_BNCHK[:, :, -1]), 1, 0)
+    a_NBHK = jnp.moveaxis(a_BNHK, 1, 0)
     S_BHKV, S_NBHKV = lax.scan(carry, S_BHKV, (a_NBHK, jnp.moveaxis(M_BNHKV, 1, 0)))
-    o_BNCHV += jnp.einsum("BNCHK,NBHKV->BNCHV", q_BNCHK * jnp.exp(upto_BNCHK), S_NBHKV)
+    o_BNCHV += jnp.einsum("BNCHK,NBHKV->BNCHV", q_in_BNCHK, S_NBHKV)
     return S_BHKV, o_BNCHV
 
 
-def _chunked(q, k, v, g, S0_BHKV, C, c):
+def _chunked(q, k, v, g, S0_BHKV, C, c, start_BT=None):
     """Chunked GLA in XLA, float32. Returns (o [B, T, H, V], final state [B, H, K, V]).
 
     Chunks of C tokens, grouped into segments of G chunks; a scan over segments carries the
-    state and `_segment` does G chunks at once. The tail is padded with zero q, k, v and zero
-    log gates (no decay), so the final state is exact. With more than one segment the scan
-    body is rematerialized: the backward keeps only each segment's inputs and incoming
-    state, not its [c, c, K] gate products, so the memory stays linear in T with a small
-    constant.
+    state and `_segment` does G chunks at once. The tail is padded with zero q, k, v, zero
+    log gates (no decay) and no document start, so the final state is exact. With more than
+    one segment the scan body is rematerialized: the backward keeps only each segment's
+    inputs and incoming state, not its [c, c, K] gate products, so the memory stays linear
+    in T with a small constant. start_BT [B, T] bool: packed rows' document starts.
     """
     B, T, H, _ = q.shape
     V = v.shape[-1]
@@ -222,9 +257,11 @@ def _chunked(q, k, v, g, S0_BHKV, C, c):
     n_seg = -(-N // G)
 
     def body(S_BHKV, xs):
-        return _segment(S_BHKV, *xs, c)
+        return _segment(S_BHKV, *xs[:4], c, None if start_BT is None else xs[4][..., 0, 0])
 
     xs = tuple(_chunks(x, n_seg, G, C) for x in (q, k, v, g))
+    if start_BT is not None:
+        xs += (_chunks(start_BT[:, :, None, None], n_seg, G, C),)
     if n_seg == 1:
         # One segment: remat would only recompute the forward without saving memory.
         S_BHKV, o_BGCHV = body(S0_BHKV, jax.tree.map(lambda x: x[0], xs))
@@ -241,6 +278,7 @@ def gated_linear_attention(
     v,
     log_gate,
     *,
+    segment_ids_BT=None,
     initial_state=None,
     return_final_state=False,
     chunk_size=None,
@@ -253,6 +291,9 @@ def gated_linear_attention(
     Args:
       q, k: [B, T, H, K].  v: [B, T, H, V].
       log_gate: [B, T, H, K], the log of the per-channel forget gate, ≤ 0 (e.g. logsigmoid).
+      segment_ids_BT: [B, T] or None, packed documents: the state is reset exactly where the
+        id changes; the initial state continues the first document, the final state is the
+        last document's.
       initial_state: [B, H, K, V], the state before the first token (zeros when None).
       return_final_state: also return the state after the last token.
       chunk_size: tokens per chunk for impl="xla" (default 64; above 16 it is rounded up to
@@ -271,10 +312,11 @@ def gated_linear_attention(
             k,
             v,
             log_gate,
+            segment_ids_BT=segment_ids_BT,
             initial_state=initial_state,
             return_final_state=return_final_state,
         )
-    _check_shapes(q, k, v, log_gate, initial_state)
+    _check_shapes(q, k, v, log_gate, initial_state, segment_ids_BT)
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
@@ -284,5 +326,7 @@ def gated_linear_attention(
     C = max(1, min(C, T))
     c = min(C, SUB_CHUNK_SIZE)
     C = -(-C // c) * c
-    o_BTHV, state_BHKV = _chunked(q, k, v, log_gate, _state_BHKV(initial_state, B, H, K, V), C, c)
+    start_BT = None if segment_ids_BT is None else document_starts(segment_ids_BT)
+    S0_BHKV = _state_BHKV(initial_state, B, H, K, V)
+    o_BTHV, state_BHKV = _chunked(q, k, v, log_gate, S0_BHKV, C, c, start_BT)
     return _finish(o_BTHV, q.dtype, state_BHKV, return_final_state)

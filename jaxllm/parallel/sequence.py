@@ -46,7 +46,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops.attention import attention
-from jaxllm.ops.gated_linear_attention import gated_linear_attention, reset_log_gate
+from jaxllm.ops.gated_linear_attention import gated_linear_attention
 from jaxllm.ops.lightning_attention import lightning_attention
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed
 from jaxllm.parallel.rules import active_mesh, map_mesh
@@ -247,17 +247,16 @@ def gated_linear_attention_sp(
     """`jaxllm.ops.gated_linear_attention` with T split over the mesh axis `sequence`.
 
     q, k [B, T, H, K], v [B, T, H, V], log_gate [B, T, H, K] (≤ 0) → o [B, T, H, V].
-    segment_ids_BT [B, T]: packed documents, the state reset where the id changes. Inside a
-    shard the reset is HGRN2's (`reset_log_gate`: the gate of a document's first token gets
-    RESET_LOG_GATE); across shards it is exact (the shards' states are cut, `_linear_sp`).
+    segment_ids_BT [B, T]: packed documents, the state reset exactly where the id changes:
+    inside a shard by the op (its `segment_ids_BT`), across shards by cutting the shards'
+    states (`_linear_sp`, which also confines the incoming state to the first document, so
+    `logcum` needs no reset).
     """
 
     def local(q, k, v, g, seg):
-        if seg is not None:
-            g = reset_log_gate(g, seg)
         o0, M = gated_linear_attention(
-            q, k, v, g, initial_state=_zero_state(q, v), return_final_state=True,
-            chunk_size=chunk_size,
+            q, k, v, g, segment_ids_BT=seg, initial_state=_zero_state(q, v),
+            return_final_state=True, chunk_size=chunk_size,
         )  # fmt: skip
         logcum = jnp.cumsum(g.astype(jnp.float32), axis=1)
         return o0, M, logcum[:, -1], logcum

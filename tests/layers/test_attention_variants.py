@@ -79,6 +79,26 @@ def test_decode_equals_forward(tokens, name):
     assert all(int(c["end"]) == tokens.shape[1] for c in cache)
 
 
+@pytest.mark.parametrize(
+    "name", ["infini-delta", pytest.param("infini-linear", marks=pytest.mark.slow)]
+)
+def test_infini_prefill_in_pieces_equals_forward(name):
+    """Infini prefills whole segments at a time: prompts of lengths that are not multiples of
+    the segment (4 or 5), starting mid-segment, filling it exactly or crossing several, mixed
+    with single decode steps, give the logits of one full pass."""
+    model = models.build(small(*VARIANTS[name]), 0)
+    tokens = jax.random.randint(jax.random.key(2), (2, 23), 0, 64)
+    full = _full(model, tokens)
+    cache = model.init_cache(2, 32)
+    steps, start = [], 0
+    for n in (11, 1, 1, 6, 1, 3):
+        out, cache = _step(model, tokens[:, start : start + n], cache)
+        steps.append(out)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **TOL)
+    assert all(int(c["end"]) == tokens.shape[1] for c in cache)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_causal_by_gradient(tokens, name):
     """d logits_t / d embedding_s = 0 for every s > t (no future key leaks, DAPE's conv

@@ -69,3 +69,20 @@ def test_expand_ratio_sets_heads_and_state():
     layer = HGRN2(HGRN2Config(**DIMS, expand_ratio=4), rngs=nnx.Rngs(params=0))
     assert (layer.h, layer.k, layer.v) == (4, 4, 4)
     assert layer.init_cache(3, 100)["state"].shape == (3, 4, 4, 4)
+
+
+def test_packed_documents_equal_documents_alone():
+    """A packed row (chunks of 4: a document start at a chunk boundary, inside a chunk, and a
+    one-token document) gives each document the output it gets alone."""
+    layer = HGRN2(HGRN2Config(**DIMS, layer_index=1, n_layers=3, chunk_size=4),
+                  rngs=nnx.Rngs(params=0))  # fmt: skip
+    lengths = [4, 5, 1, 3]
+    x = jax.random.normal(jax.random.key(2), (1, sum(lengths), 16))
+    seg = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None], jnp.int32)
+    pos = jnp.zeros_like(seg)
+    y, _ = layer(x, positions_BT=pos, segment_ids_BT=seg, carry={})
+    start = 0
+    for n in lengths:
+        alone, _ = layer(x[:, start : start + n], positions_BT=pos[:, :n], carry={})
+        np.testing.assert_allclose(y[:, start : start + n], alone, **F32)
+        start += n

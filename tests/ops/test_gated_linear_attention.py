@@ -1,4 +1,5 @@
-"""Gated linear attention: the chunked form and the decode step against the scan reference.
+"""Gated linear attention: the chunked form and the decode step against the scan reference,
+and packed rows (segment ids) against their documents run alone.
 
 Tolerance policy (fla's `assert_close`): a result passes when max|Δ| ≤ 1e-6, or else when
 RMS(Δ)/RMS(ref) ≤ ratio. float32: ratio 1e-5 for outputs, states and every gradient.
@@ -187,6 +188,120 @@ def test_chunked_matches_reference_property(T, chunk, normalizer, with_state):
     assert_close("final state", ref[1], got[1], F32_RATIO)
 
 
+# Packed rows of 37 tokens. Row 0: a start at 8 (a chunk boundary for C = 8), 13 (inside a
+# chunk), 18 and 21 (two in one chunk), a one-token document at 28; ids may repeat after other
+# documents. Row 1: a one-token first document, then a start at 16 (a sub-chunk boundary for
+# C = 32) and 33 (inside the padded last chunk).
+PACKED_LENGTHS = ([8, 5, 5, 3, 7, 1, 8], [1, 15, 17, 4])
+
+
+def _packed_ids(lengths_per_row):
+    rows = [np.repeat(np.arange(len(ls)) % 3, ls) for ls in lengths_per_row]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def _documents(lengths_per_row):
+    """(row, document index, index of its tokens [1, n]) for every packed document."""
+    for b, lengths in enumerate(lengths_per_row):
+        ends = np.cumsum(lengths)
+        for d, (start, end) in enumerate(zip(ends - lengths, ends)):
+            yield b, d, (slice(b, b + 1), slice(start, end))
+
+
+def _documents_alone(q, k, v, g, S0, do, dS, lengths_per_row):
+    """Grads of Σ o·do + Σ S·dS with every document run on its own by the reference: one row
+    per document, zero-padded at its end (zero k, v and gate keep the state), starting from
+    S0 for a row's first document and from zeros otherwise; the final state is the last
+    document's."""
+    docs = list(_documents(lengths_per_row))
+    n = max(idx[1].stop - idx[1].start for _, _, idx in docs)
+    row = np.array([[b] * n for b, _, _ in docs])
+    tok = np.array([np.arange(idx[1].start, idx[1].start + n) for _, _, idx in docs])
+    valid = tok < np.array([[idx[1].stop] for _, _, idx in docs])
+    tok = np.where(valid, tok, 0)
+    first = np.array([d == 0 for _, d, _ in docs])
+    last = [i for i, (b, d, _) in enumerate(docs) if d == len(lengths_per_row[b]) - 1]
+
+    def loss(q, k, v, g, S0):
+        q_d, k_d, v_d, g_d, do_d = (
+            jnp.where(valid[..., None, None], x[row, tok], 0.0) for x in (q, k, v, g, do)
+        )
+        S0_d = jnp.where(first[:, None, None, None], S0[row[:, 0]], 0.0)
+        o_d, S_d = gated_linear_attention_reference(
+            q_d, k_d, v_d, g_d, initial_state=S0_d, return_final_state=True
+        )
+        return jnp.sum(o_d * do_d) + jnp.sum(S_d[np.array(last)] * dS)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, S0)
+
+
+@pytest.mark.parametrize(("chunk", "segment"), [(8, 16), (32, None)])
+def test_packed_rows_equal_documents_run_alone(chunk, segment):
+    """Exact separation: a packed row's outputs, final state and gradients (the initial state's
+    included, which reaches only the first document) equal its documents run alone."""
+    args = _inputs(2, 37, 2, 8, 4, 1.0)
+    seg = _packed_ids(PACKED_LENGTHS)
+    alone = jax.jit(functools.partial(_documents_alone, lengths_per_row=PACKED_LENGTHS))(*args)
+
+    @functools.partial(jax.jit, static_argnames=("impl",))
+    def packed(q, k, v, g, S0, do, dS, impl):
+        fn = functools.partial(
+            gated_linear_attention, segment_ids_BT=seg, impl=impl, chunk_size=chunk
+        )
+
+        def loss(q, k, v, g, S0):
+            o, S = fn(q, k, v, g, initial_state=S0, return_final_state=True)
+            return jnp.sum(o * do) + jnp.sum(S * dS)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, S0)
+
+    default_segment = gla_module.SEGMENT_TOKENS
+    gla_module.SEGMENT_TOKENS = segment or default_segment
+    try:
+        for impl in ("reference", "xla"):
+            got = packed(*args, impl=impl)
+            for name, r, x in zip(NAMES[2:], alone, got):
+                assert_close(f"{impl} {name}", r, x, F32_RATIO)
+    finally:
+        gla_module.SEGMENT_TOKENS = default_segment
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_packed_reset_leaks_nothing(impl):
+    """A first document whose state is ~1e30 leaves no trace in the next ones (a reset that
+    only scaled it by e^−40 would add ~4e12), and the forward matches documents run alone."""
+    q, k, v, g, S0, _, _ = _inputs(2, 37, 2, 8, 4, 10.0)
+    seg = _packed_ids(PACKED_LENGTHS)
+    S0 = S0 * 1e30
+    o, S = attention(q, k, v, g, segment_ids_BT=seg, initial_state=S0, return_final_state=True,
+                     chunk_size=8, impl=impl)  # fmt: skip
+    for b, d, idx in _documents(PACKED_LENGTHS):
+        if d == 0:
+            continue
+        o_d, S_d = reference(q[idx], k[idx], v[idx], g[idx], return_final_state=True)
+        assert_close(f"row {b} document {d} o", o_d, o[idx], F32_RATIO)
+        if d == len(PACKED_LENGTHS[b]) - 1:
+            assert_close(f"row {b} final state", S_d, S[b : b + 1], F32_RATIO)
+
+
+@hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
+@hypothesis.given(
+    T=st.integers(2, 64),
+    chunk=st.sampled_from([1, 5, 16, 48, None]),
+    normalizer=st.sampled_from([0.05, 1.0, 10.0]),
+    n_docs=st.integers(1, 12),
+)
+def test_packed_chunked_matches_reference_property(T, chunk, normalizer, n_docs):
+    q, k, v, g, S0, _, _ = _inputs(1, T, 2, 4, 3, normalizer, seed=T)
+    ids = np.sort(np.random.default_rng(T).integers(0, n_docs, T))
+    seg = jnp.asarray(ids[None], jnp.int32)
+    kw = dict(segment_ids_BT=seg, initial_state=S0, return_final_state=True)
+    ref = reference(q, k, v, g, **kw)
+    got = attention(q, k, v, g, chunk_size=chunk, **kw)
+    assert_close("o", ref[0], got[0], F32_RATIO)
+    assert_close("final state", ref[1], got[1], F32_RATIO)
+
+
 def test_dtypes_and_return_forms():
     q, k, v, g, _, _, _ = _inputs(1, 20, 2, 4, 3, 1.0, dtype=jnp.bfloat16)
     o = attention(q, k, v, g)
@@ -210,3 +325,5 @@ def test_bad_arguments_are_rejected():
         attention(q, k, v[:, :7], g)
     with pytest.raises(ValueError, match="chunk_size"):
         attention(q, k, v, g, chunk_size=0)
+    with pytest.raises(ValueError, match="segment_ids_BT"):
+        attention(q, k, v, g, segment_ids_BT=jnp.zeros((1, 7), jnp.int32))

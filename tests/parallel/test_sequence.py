@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxllm.ops.attention import attention_reference
-from jaxllm.ops.gated_linear_attention import gated_linear_attention_reference, reset_log_gate
+from jaxllm.ops.gated_linear_attention import gated_linear_attention_reference
 from jaxllm.ops.lightning_attention import lightning_attention_reference
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed_reference
 from jaxllm.parallel.mesh import make_mesh
@@ -99,7 +99,7 @@ def test_gated_linear_attention(impl, seq):
 @pytest.mark.parametrize("impl,seq", _cases(["lasp2", "lasp1"], {("lasp2", 4), ("lasp1", 8)}))
 def test_gated_linear_attention_packed(impl, seq):
     """Packed rows as in `test_lightning_packed` (documents starting at, just after and far
-    from the shard boundaries) against the single-device packed GLA: HGRN2's reset gate."""
+    from the shard boundaries) against the single-device packed GLA reference."""
     q, k, v = _inputs(5)
     r = np.random.default_rng(6)
     log_gate = jnp.asarray(jax.nn.log_sigmoid(r.normal(size=(B, T, H, K)) + 2.0), jnp.float32)
@@ -109,7 +109,7 @@ def test_gated_linear_attention_packed(impl, seq):
     f_sp = lambda q, k, v, g: gated_linear_attention_sp(
         q, k, v, g, mesh=mesh, impl=impl, segment_ids_BT=seg, chunk_size=4
     )
-    f_ref = lambda q, k, v, g: gated_linear_attention_reference(q, k, v, reset_log_gate(g, seg))
+    f_ref = lambda q, k, v, g: gated_linear_attention_reference(q, k, v, g, segment_ids_BT=seg)
     _check(f_sp, f_ref, (q, k, v, log_gate))
 
 

@@ -5,8 +5,8 @@ and 8 sequence shards with data parallelism on the rest, on packed rows whose do
 at, just after and far from the shard boundaries (T/8 = 4 tokens per shard).
 
 Tolerance as tests/parallel/test_sequence.py: float32, the same sums regrouped across shards
-(2e-5 on outputs, 1e-4 on gradients). HGRN2's packed reset is e^−40 inside a shard and exact
-across shards, a difference far below float32 rounding."""
+(2e-5 on outputs, 1e-4 on gradients). Packed resets are exact both inside a shard and across
+shards."""
 
 import contextlib
 
