@@ -85,6 +85,7 @@ def time_it(fn, params, x, iters: int) -> float:
 
 
 STAGES = ("routing", "dispatch", "expert GEMMs", "combine")
+STAGE_KEYS = dict(zip(STAGES, ("routing", "dispatch", "gemms", "combine"), strict=True))  # JSON
 # The library functions whose results the layer's forward records for the stage checks.
 _RECORDED = ((R, "route"), (R, "apply_capacity"), *((M, n) for n in (
     "dispatch_dropless", "grouped_swiglu", "combine_dropless", "dispatch_blocked",
@@ -315,9 +316,9 @@ def main() -> None:
             stage_err = max(stage_err, check_stage(stage, step(*stage_args)[0], want, tol))
             ms[stage] = 1e3 * time_call(step, stage_args, args.iters)
         total = sum(ms.values())
-        stage_rows.append({"layer": name, **{f"{s}_ms": ms[s] for s in STAGES},
+        stage_rows.append({"layer": name, **{f"{STAGE_KEYS[s]}_ms": ms[s] for s in STAGES},
                            "sum_ms": total, "layer_ms": layer_ms[name],
-                           "share": {s: ms[s] / total for s in STAGES}})  # fmt: skip
+                           "share": {STAGE_KEYS[s]: ms[s] / total for s in STAGES}})  # fmt: skip
 
     n_ep = min(args.ep, jax.device_count())
     ep = {}
@@ -343,7 +344,8 @@ def main() -> None:
     heads = ("layer", *STAGES, "sum", "whole layer")
     print(f"{heads[0]:<22}" + "".join(f"{h:>15}" for h in heads[1:]))
     for r in stage_rows:
-        cells = [f"{r[f'{s}_ms']:.2f} ({100 * r['share'][s]:.0f}%)" for s in STAGES]
+        keys = [STAGE_KEYS[s] for s in STAGES]
+        cells = [f"{r[f'{k}_ms']:.2f} ({100 * r['share'][k]:.0f}%)" for k in keys]
         cells += [f"{r['sum_ms']:.2f}", f"{r['layer_ms']:.2f}"]
         print(f"{r['layer']:<22}" + "".join(f"{c:>15}" for c in cells))
     for name, by_kind in ep.items():
