@@ -21,8 +21,10 @@ weighted sum over the K copies, `combine_*`) — is jitted on its own and timed 
 one jitted forward of the layer records what each of these library functions returned (through
 `jax.debug.callback`), every stage's forward is checked against those values, then timed. The
 table gives each stage's time and share of their sum, and the sum next to the whole layer's
-time (the difference: what fusion across stages saves, or the layer's extras such as the
-balancing losses, which the layer timing drops with its sown values).
+forward+backward with x's gradient too (the stages differentiate all their inputs; the first
+table's layer rows, kept comparable with earlier runs, take the parameters' gradients only). The
+difference is what fusion across stages saves or costs (the layer's balancing losses are
+sown, then dropped, so they are not in its time).
 
 Then it compiles the expert-parallel layer on `--ep` devices (CPU devices when no accelerators
 are there) and sums the bytes of the all-to-all / ragged-all-to-all ops in the
@@ -59,18 +61,20 @@ from jaxllm.parallel.rules import use_rules  # noqa: E402
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1}
 
 
-def fwd_bwd(layer):
+def fwd_bwd(layer, wrt_x: bool = False):
+    """jit of (params, x) → (loss, grads): the parameters' gradients, and x's with `wrt_x` (as
+    every layer but the first of a model needs)."""
     nnx.pop(layer, nnx.Intermediate)  # left over from an eager or nnx.jit call
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
     def step(params, x):
-        def loss(params):
+        def loss(params, x):
             m = nnx.merge(graphdef, params, rest)
             y = m(x)
             nnx.pop(m, nnx.Intermediate)
             return jnp.sum(y.astype(jnp.float32) ** 2)
 
-        return jax.value_and_grad(loss)(params)
+        return jax.value_and_grad(loss, argnums=(0, 1) if wrt_x else 0)(params, x)
 
     return jax.jit(step), params
 
@@ -304,22 +308,6 @@ def main() -> None:
         rows.append({"layer": name, "ms": 1e3 * sec, "tokens_per_s": args.tokens / sec,
                      "active_tflops": flops / sec / 1e12})  # fmt: skip
 
-    # where the time goes: each stage alone, on the layer's own intermediate values
-    stage_rows = []
-    impls = {"moe dropless": "dropless", "moe dropless blocked": "blocked",
-             "moe capacity 1.25": "capacity"}  # fmt: skip
-    layer_ms = {r["layer"]: r["ms"] for r in rows}
-    stage_err = 0.0
-    for name, impl in impls.items():
-        ms = {}
-        for stage, step, stage_args, want in layer_stages(layers[name], x, impl):
-            stage_err = max(stage_err, check_stage(stage, step(*stage_args)[0], want, tol))
-            ms[stage] = 1e3 * time_call(step, stage_args, args.iters)
-        total = sum(ms.values())
-        stage_rows.append({"layer": name, **{f"{STAGE_KEYS[s]}_ms": ms[s] for s in STAGES},
-                           "sum_ms": total, "layer_ms": layer_ms[name],
-                           "share": {STAGE_KEYS[s]: ms[s] / total for s in STAGES}})  # fmt: skip
-
     n_ep = min(args.ep, jax.device_count())
     ep = {}
     if n_ep > 1 and e % n_ep == 0:
@@ -339,15 +327,6 @@ def main() -> None:
     dense = rows[-1]["active_tflops"]
     for r in rows[:-1]:
         print(f"  {r['layer']}: {100 * r['active_tflops'] / dense:.0f}% of the dense FLOP rate")
-    print("\nwhere the time goes: each stage jitted alone on the layer's own intermediates, "
-          "fwd+bwd ms (share of the stages' sum)")  # fmt: skip
-    heads = ("layer", *STAGES, "sum", "whole layer")
-    print(f"{heads[0]:<22}" + "".join(f"{h:>15}" for h in heads[1:]))
-    for r in stage_rows:
-        keys = [STAGE_KEYS[s] for s in STAGES]
-        cells = [f"{r[f'{k}_ms']:.2f} ({100 * r['share'][k]:.0f}%)" for k in keys]
-        cells += [f"{r['sum_ms']:.2f}", f"{r['layer_ms']:.2f}"]
-        print(f"{r['layer']:<22}" + "".join(f"{c:>15}" for c in cells))
     for name, by_kind in ep.items():
         per = ", ".join(f"{kind} {b / 2**20:.2f} MiB" for kind, b in sorted(by_kind.items()))
         print(f"EP={n_ep} {name}: per device and step (fwd+bwd): {per}")
@@ -358,13 +337,40 @@ def main() -> None:
         "active_params_per_token": active,
         "check": {"max_abs_err": err, "scale": scale},
         "rows": rows,
-        "stages": stage_rows,
-        "stage_check": {"max_rel_err": stage_err, "tol": tol},
         "ep_devices": n_ep,
         "ep_comm_bytes": ep,
     }
+    # written now and again with the stages, so a run cut short keeps the layer rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
+
+    # where the time goes: each stage alone, on the layer's own intermediate values
+    print("\nwhere the time goes: each stage jitted alone on the layer's own intermediates, "
+          "fwd+bwd ms (share of the stages' sum)")  # fmt: skip
+    heads = ("layer", *STAGES, "sum", "layer +dx")
+    print(f"{heads[0]:<22}" + "".join(f"{h:>15}" for h in heads[1:]), flush=True)
+    impls = {"moe dropless": "dropless", "moe dropless blocked": "blocked",
+             "moe capacity 1.25": "capacity"}  # fmt: skip
+    out["stages"], out["stage_check"] = [], {"max_rel_err": 0.0, "tol": tol}
+    for name, impl in impls.items():
+        ms = {}
+        for stage, step, stage_args, want in layer_stages(layers[name], x, impl):
+            stage_err = check_stage(stage, step(*stage_args)[0], want, tol)
+            out["stage_check"]["max_rel_err"] = max(out["stage_check"]["max_rel_err"], stage_err)
+            ms[STAGE_KEYS[stage]] = 1e3 * time_call(step, stage_args, args.iters)
+        # the stages differentiate their inputs (x included): compare with the layer's step
+        # that returns x's gradient too (the table above: the parameters' only)
+        fn, params = fwd_bwd(layers[name], wrt_x=True)
+        layer_ms = 1e3 * time_it(fn, params, x, args.iters)
+        total = sum(ms.values())
+        share = {k: v / total for k, v in ms.items()}
+        r = {"layer": name, **{f"{k}_ms": v for k, v in ms.items()}, "sum_ms": total,
+             "layer_dx_ms": layer_ms, "share": share}  # fmt: skip
+        out["stages"].append(r)
+        cells = [f"{r[f'{k}_ms']:.2f} ({100 * r['share'][k]:.0f}%)" for k in ms]
+        cells += [f"{r['sum_ms']:.2f}", f"{r['layer_dx_ms']:.2f}"]
+        print(f"{r['layer']:<22}" + "".join(f"{c:>15}" for c in cells), flush=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 
 
