@@ -14,6 +14,10 @@ Three ways to compute the same thing:
   capacity   a fixed [E, C, D] buffer (C slots per expert, from `moe_routing.apply_capacity`),
              dense batched matmuls, gather back: static shapes, choices over capacity dropped.
 
+Each fast path is three stages, exposed on their own (`benchmarks/moe.py` times each):
+dispatch (`dispatch_dropless` / `dispatch_blocked` / `dispatch_capacity`), the expert GEMMs
+(`grouped_swiglu` / `blocked_swiglu` / `capacity_swiglu`) and combine (`combine_*`).
+
 The expert GEMMs of the fast paths go through `jaxllm.precision` (`project_ragged` for
 `ragged_dot`, `project` for the batched einsums), so the train step can run them in FP8 or
 ExMy; outside a `use_precision` block they are the plain ops. The reference stays float32.
@@ -23,7 +27,7 @@ Shape legend: T tokens, D model width, E experts, F expert width, K choices, C s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,17 +103,105 @@ def grouped_swiglu(
     return out
 
 
+def dispatch_dropless(
+    x_TD: jax.Array, routing: Routing, n_experts: int, dtype=jnp.float32
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(xs_ND, order, counts_E): the token copies gathered into expert order (N = T·K)."""
+    order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
+    return x_TD.astype(dtype)[token_of_row], order, counts_E
+
+
+def combine_dropless(ys_ND: jax.Array, order: jax.Array, weights_TK: jax.Array) -> jax.Array:
+    """[T, D] float32: the expert-ordered rows unsorted and summed over the K copies."""
+    t, k = weights_TK.shape
+    y_TKD = ys_ND[inverse_permutation(order)].reshape(t, k, -1)
+    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
+
+
 def experts_dropless(
     x_TD: jax.Array, routing: Routing, groups: list[ExpertGroup], dtype=jnp.float32
 ) -> jax.Array:
     """[T, D] float32: sort → grouped matmul → unsort → weighted sum over the K copies."""
+    n_experts = group_bounds(groups)[-1][1]
+    xs_ND, order, counts_E = dispatch_dropless(x_TD, routing, n_experts, dtype)
+    ys_ND = grouped_swiglu(xs_ND, counts_E, groups, dtype)
+    return combine_dropless(ys_ND, order, routing.weights_TK)
+
+
+class BlockPlan(NamedTuple):
+    """Where one size group's token copies sit in its padded blocks (P = n_blocks · block)."""
+
+    src_P: jax.Array  # int32 token held by each padded row (T: none, a zero row)
+    row_TK: jax.Array  # int32 [T·K] padded row of each copy, in [T·K] order (P: none)
+    block_expert: jax.Array  # int32 [n_blocks] expert of each block, local to the group
+
+
+def dispatch_blocked(
+    x_TD: jax.Array,
+    routing: Routing,
+    groups: list[ExpertGroup],
+    block: int = 512,
+    dtype=jnp.float32,
+) -> tuple[list[jax.Array], list[BlockPlan]]:
+    """([xb_NBD per size group], [BlockPlan per size group]): each expert's copies padded to
+    a multiple of `block` rows, gathered straight from x into [n_blocks, block, D]."""
     t, k = routing.experts_TK.shape
     n_experts = group_bounds(groups)[-1][1]
+    d = x_TD.shape[-1]
     order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
-    xs_ND = x_TD.astype(dtype)[token_of_row]
-    ys_ND = grouped_swiglu(xs_ND, counts_E, groups, dtype)
-    y_TKD = ys_ND[inverse_permutation(order)].reshape(t, k, -1)
-    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)
+    inv = inverse_permutation(order)
+    expert_of_row = jnp.where(routing.valid_TK, routing.experts_TK, n_experts).reshape(-1)[order]
+    rank = (
+        jnp.arange(t * k)
+        - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_of_row, n_experts - 1)]
+    )
+    xbs, plans = [], []
+    for first, end in group_bounds(groups):
+        e_g = end - first
+        n_blocks = -(-t * k // block) + e_g
+        padded = -(-counts_E[first:end] // block) * block
+        pad_start = jnp.cumsum(padded) - padded
+        local = expert_of_row - first
+        mine = (local >= 0) & (local < e_g)
+        dest = jnp.where(mine, pad_start[jnp.clip(local, 0, e_g - 1)] + rank, n_blocks * block)
+        # The token each padded row holds (t: none, a zero row), gathered straight from x
+        # rather than sorted first and then scattered into the blocks.
+        src = jnp.full((n_blocks * block,), t, jnp.int32).at[dest].set(token_of_row, mode="drop")
+        xb = jnp.take(x_TD.astype(dtype), src, axis=0, mode="fill", fill_value=0)
+        block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, "right")
+        block_expert = jnp.minimum(block_expert, e_g - 1)
+        xbs.append(xb.reshape(n_blocks, block, d))
+        plans.append(BlockPlan(src, dest[inv], block_expert))
+    return xbs, plans
+
+
+def blocked_swiglu(
+    xbs: list[jax.Array], plans: list[BlockPlan], groups: list[ExpertGroup], dtype
+) -> list[jax.Array]:
+    """[yb_NBD per size group]: one batched matmul chain over the blocks, each block with its
+    expert's gathered weights."""
+    out = []
+    for xb_NBD, plan, (w_gate, w_up, w_down) in zip(xbs, plans, groups, strict=True):
+        be = plan.block_expert
+        g = project(xb_NBD, w_gate.astype(dtype)[be], "NBD,NDF->NBF", name="expert_gate")
+        u = project(xb_NBD, w_up.astype(dtype)[be], "NBD,NDF->NBF", name="expert_up")
+        h_NBF = jax.nn.silu(g) * u
+        out.append(project(h_NBF, w_down.astype(dtype)[be], "NBF,NFD->NBD", name="expert_down"))
+    return out
+
+
+def combine_blocked(
+    ybs: list[jax.Array], plans: list[BlockPlan], weights_TK: jax.Array
+) -> jax.Array:
+    """[T, D] float32: each copy's row taken back from its group's blocks, weighted sum over K."""
+    t, k = weights_TK.shape
+    d = ybs[0].shape[-1]
+    ys_ND = jnp.zeros((t * k, d), jnp.float32)  # per copy, in [T·K] order
+    for yb_NBD, plan in zip(ybs, plans, strict=True):
+        yb_ND = yb_NBD.reshape(-1, d)
+        rows = jnp.take(yb_ND, plan.row_TK, axis=0, mode="fill", fill_value=0)
+        ys_ND = ys_ND + rows.astype(jnp.float32)
+    return jnp.einsum("TKD,TK->TD", ys_ND.reshape(t, k, d), weights_TK)
 
 
 def experts_blocked(
@@ -126,40 +218,40 @@ def experts_blocked(
     does all blocks. Padding costs at most one block per expert (N_blocks ≤ T·K/block + E).
     For GPUs where `ragged_dot` lowers to a dense product over every group.
     """
-    t, k = routing.experts_TK.shape
-    n_experts = group_bounds(groups)[-1][1]
-    d = x_TD.shape[-1]
-    order, token_of_row, counts_E = sort_by_expert(routing, n_experts)
-    inv = inverse_permutation(order)
-    expert_of_row = jnp.where(routing.valid_TK, routing.experts_TK, n_experts).reshape(-1)[order]
-    rank = (
-        jnp.arange(t * k)
-        - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_of_row, n_experts - 1)]
-    )
-    ys_ND = jnp.zeros((t * k, d), jnp.float32)  # per copy, in [T·K] order
+    xbs, plans = dispatch_blocked(x_TD, routing, groups, block, dtype)
+    ybs = blocked_swiglu(xbs, plans, groups, dtype)
+    return combine_blocked(ybs, plans, routing.weights_TK)
+
+
+def dispatch_capacity(
+    x_TD: jax.Array, slot_TK: jax.Array, n_experts: int, capacity: int, dtype=jnp.float32
+) -> jax.Array:
+    """[E·C, D]: the kept choices scattered into their slots (`slot_TK`, E·C = dropped)."""
+    t, k = slot_TK.shape
+    token_TK = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
+    buf_SD = jnp.zeros((n_experts * capacity, x_TD.shape[-1]), dtype)
+    return buf_SD.at[slot_TK.reshape(-1)].set(x_TD.astype(dtype)[token_TK.reshape(-1)], mode="drop")
+
+
+def capacity_swiglu(
+    buf_SD: jax.Array, groups: list[ExpertGroup], capacity: int, dtype
+) -> jax.Array:
+    """[E·C, D]: one batched matmul chain per size group over its [E_g, C, D] rows."""
+    c, d = capacity, buf_SD.shape[-1]
+    outs = []
     for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
-        e_g = end - first
-        n_blocks = -(-t * k // block) + e_g
-        padded = -(-counts_E[first:end] // block) * block
-        pad_start = jnp.cumsum(padded) - padded
-        local = expert_of_row - first
-        mine = (local >= 0) & (local < e_g)
-        dest = jnp.where(mine, pad_start[jnp.clip(local, 0, e_g - 1)] + rank, n_blocks * block)
-        # The token each padded row holds (t: none, a zero row), gathered straight from x
-        # rather than sorted first and then scattered into the blocks.
-        src = jnp.full((n_blocks * block,), t, jnp.int32).at[dest].set(token_of_row, mode="drop")
-        xb = jnp.take(x_TD.astype(dtype), src, axis=0, mode="fill", fill_value=0)
-        block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, "right")
-        block_expert = jnp.minimum(block_expert, e_g - 1)
-        xb_NBD = xb.reshape(n_blocks, block, d)
-        g = project(xb_NBD, w_gate.astype(dtype)[block_expert], "NBD,NDF->NBF", name="expert_gate")
-        u = project(xb_NBD, w_up.astype(dtype)[block_expert], "NBD,NDF->NBF", name="expert_up")
-        h_NBF = jax.nn.silu(g) * u
-        yb = project(h_NBF, w_down.astype(dtype)[block_expert], "NBF,NFD->NBD", name="expert_down")
-        yb_ND = yb.reshape(n_blocks * block, d)
-        rows = jnp.take(yb_ND, dest[inv], axis=0, mode="fill", fill_value=0)
-        ys_ND = ys_ND + rows.astype(jnp.float32)
-    return jnp.einsum("TKD,TK->TD", ys_ND.reshape(t, k, d), routing.weights_TK)
+        xb_ECD = buf_SD[first * c : end * c].reshape(end - first, c, d)
+        g = project(xb_ECD, w_gate.astype(dtype), "ECD,EDF->ECF", name="expert_gate")
+        u = project(xb_ECD, w_up.astype(dtype), "ECD,EDF->ECF", name="expert_up")
+        h_ECF = jax.nn.silu(g) * u
+        outs.append(project(h_ECF, w_down.astype(dtype), "ECF,EFD->ECD", name="expert_down"))
+    return jnp.concatenate(outs, axis=0).reshape(-1, d)
+
+
+def combine_capacity(out_SD: jax.Array, slot_TK: jax.Array, weights_TK: jax.Array) -> jax.Array:
+    """[T, D] float32: each kept choice's slot gathered back, weighted sum over K."""
+    y_TKD = jnp.take(out_SD, slot_TK, axis=0, mode="fill", fill_value=0)
+    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK)
 
 
 def experts_capacity(
@@ -172,24 +264,10 @@ def experts_capacity(
 ) -> jax.Array:
     """[T, D] float32: kept choices scattered into an [E·C, D] buffer at `slot_TK` (E·C =
     dropped), one batched matmul per size group over its [E_g, C, D] rows, gathered back."""
-    t, k = slot_TK.shape
     n_experts = group_bounds(groups)[-1][1]
-    c, d = capacity, x_TD.shape[-1]
-    token_TK = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k))
-    buf_SD = jnp.zeros((n_experts * c, d), dtype)
-    buf_SD = buf_SD.at[slot_TK.reshape(-1)].set(
-        x_TD.astype(dtype)[token_TK.reshape(-1)], mode="drop"
-    )
-    outs = []
-    for (first, end), (w_gate, w_up, w_down) in zip(group_bounds(groups), groups, strict=True):
-        xb_ECD = buf_SD[first * c : end * c].reshape(end - first, c, d)
-        g = project(xb_ECD, w_gate.astype(dtype), "ECD,EDF->ECF", name="expert_gate")
-        u = project(xb_ECD, w_up.astype(dtype), "ECD,EDF->ECF", name="expert_up")
-        h_ECF = jax.nn.silu(g) * u
-        outs.append(project(h_ECF, w_down.astype(dtype), "ECF,EFD->ECD", name="expert_down"))
-    out_SD = jnp.concatenate(outs, axis=0).reshape(n_experts * c, d)
-    y_TKD = jnp.take(out_SD, slot_TK, axis=0, mode="fill", fill_value=0)
-    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), routing.weights_TK)
+    buf_SD = dispatch_capacity(x_TD, slot_TK, n_experts, capacity, dtype)
+    out_SD = capacity_swiglu(buf_SD, groups, capacity, dtype)
+    return combine_capacity(out_SD, slot_TK, routing.weights_TK)
 
 
 def moe_experts(
