@@ -195,7 +195,7 @@ else
   TNL=(tnl-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
   MOE=(--tokens 16384 --d-model 2048 --experts 8 --top-k 2 --expert-d-ff 2816 --dtype bfloat16
     --iters 10 --ep 1)
-  CAP=(140 75 75 90 60 60)
+  CAP=(140 75 75 90 90 60)
 fi
 read -r -a LLAMA_SET <<<"${JAXLLM_GPU_LLAMA_SET:-}"
 
