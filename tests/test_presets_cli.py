@@ -49,7 +49,8 @@ def shrink(preset: str) -> list[str]:
     if m.ffn == "moe" and moe is not None:
         widths = moe.get("expert_d_ff")
         if isinstance(widths, list):
-            out.append(f"model.ffns.moe.expert_d_ff=[{','.join(str(max(w // 8, 4)) for w in widths)}]")
+            small = ",".join(str(max(w // 8, 4)) for w in widths)
+            out.append(f"model.ffns.moe.expert_d_ff=[{small}]")
         elif widths is not None:
             out.append("model.ffns.moe.expert_d_ff=16")
         if moe.get("shared_d_ff") is not None:
