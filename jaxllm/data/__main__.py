@@ -12,28 +12,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxllm import config
+from jaxllm.data.documents import BadDocuments, DataError
+from jaxllm.data.formats import tokenize_all, tokenizer_fingerprint, write_prepared
+from jaxllm.data.sources import read_documents
+from jaxllm.data.tokenizers import build_tokenizer
+
 
 def prepare(cfg_data, out: str, *, workers: int, docs_per_shard: int) -> dict:
     """Tokenize the documents of `cfg_data` (a `DataConfig`) into `out`; returns meta.json."""
-    from jaxllm.data import formats
-    from jaxllm.data.sources import BadDocuments, DataError, read_documents
-    from jaxllm.data.tokenizers import build_tokenizer
-
     if cfg_data.source == "arrayrecord":
         raise DataError("data.source=arrayrecord is already tokenized; name the raw source")
     tokenizer = build_tokenizer(cfg_data.tokenizer, cfg_data.tokenizer_path)
     bad = BadDocuments(cfg_data.on_bad_document)
     documents = read_documents(cfg_data, bad)
     spec = (cfg_data.tokenizer, cfg_data.tokenizer_path)
-    tokens = formats.tokenize_all(
-        tokenizer, [d.text for d in documents], workers=workers, spec=spec
-    )
-    meta = formats.write_prepared(
+    tokens = tokenize_all(tokenizer, [d.text for d in documents], workers=workers, spec=spec)
+    meta = write_prepared(
         out,
         documents,
         tokens,
         tokenizer=cfg_data.tokenizer,
-        fingerprint=formats.tokenizer_fingerprint(*spec),
+        fingerprint=tokenizer_fingerprint(*spec),
         vocab_size=tokenizer.vocab_size,
         docs_per_shard=docs_per_shard,
     )
@@ -49,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--workers", type=int, default=None, help="default data.tokenize_workers")
     pr.add_argument("--docs-per-shard", type=int, default=100_000)
     args = ap.parse_args(argv)
-
-    from jaxllm import config
-    from jaxllm.data.sources import DataError
 
     items = list(args.config)
     preset = items.pop(0) if items and "=" not in items[0] else "default"

@@ -26,8 +26,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from jaxllm.data.sources import BadDocuments, DataError, Document, resolve_files
+from jaxllm.data.documents import BadDocuments, DataError, Document, resolve_files
+from jaxllm.data.tokenizers import build_tokenizer
 
 FORMAT = "jaxllm-tokens-v1"
 
@@ -39,7 +41,7 @@ def parquet_documents(path: str, column: str, bad: BadDocuments | None = None) -
     """`row[column]` of every row of each Parquet file that `path` names, in file order."""
     bad = bad or BadDocuments()
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional (the `hf` extra): only Parquet sources need it
     except ImportError:
         raise DataError("data.source=parquet needs the 'pyarrow' package") from None
     documents = []
@@ -104,8 +106,6 @@ def write_prepared(
     docs_per_shard: int = 100_000,
 ) -> dict:
     """Write tokenized documents as ArrayRecord shards plus meta.json; returns the meta."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
@@ -133,8 +133,6 @@ def write_prepared(
 
 def arrayrecord_documents(path: str, *, fingerprint: str) -> list[Document]:
     """The pre-tokenized documents of a `prepare` folder (`Document.tokens` set, text empty)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     folder = Path(path)
     meta_file = folder / "meta.json"
     if not meta_file.exists():
@@ -181,8 +179,6 @@ _CACHED: dict = {}
 
 
 def _worker_tokenizer(spec: tuple[str, str | None]):
-    from jaxllm.data.tokenizers import build_tokenizer
-
     # Each worker process builds the tokenizer once, not once per chunk.
     if spec not in _CACHED:
         _CACHED[spec] = build_tokenizer(*spec)

@@ -13,13 +13,14 @@ A model without a BOS (Qwen2, GPT-2) starts documents with its EOS; without a PA
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from jaxllm.data.sources import DataError
+from jaxllm.data.documents import DataError
 
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]", "<|startoftext|>")
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]", "<|im_end|>")
@@ -27,8 +28,6 @@ _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
 
 
 def _require(module: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

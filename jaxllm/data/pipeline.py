@@ -35,15 +35,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxllm.data.documents import BadDocuments, DataError, Document
 from jaxllm.data.formats import tokenize_all
-from jaxllm.data.sources import (
-    BadDocuments,
-    DataError,
-    Document,
-    assign_domains,
-    read_documents,
-    split_documents,
-)
+from jaxllm.data.sources import assign_domains, read_documents, split_documents
 from jaxllm.data.tokenizers import ByteTokenizer, build_tokenizer
 
 Batch = dict[str, np.ndarray]

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxllm.data.sources import DataError
+from jaxllm.data.documents import DataError
+from jaxllm.data.hf_tokenizer import HFTokenizer, SentencePieceTokenizer
 
 
 class ByteTokenizer:
@@ -48,7 +49,5 @@ def build_tokenizer(name: str, path: str | None = None) -> ByteTokenizer:
         return ByteTokenizer()
     if not path:
         raise DataError(f"data.tokenizer={name} needs data.tokenizer_path")
-    from jaxllm.data import hf_tokenizer
-
-    cls = hf_tokenizer.HFTokenizer if name == "hf" else hf_tokenizer.SentencePieceTokenizer
+    cls = HFTokenizer if name == "hf" else SentencePieceTokenizer
     return cls(path)
