@@ -8,7 +8,7 @@ GQA uses 4 KV heads (H/G = 10, Hunyuan-Large's 80/8), so GQA + CLA2 is Hunyuan-L
 float16 scale per 32 channels (the paper claims under 2% of MHA).
 
 Bytes per token are analytic for the full depth and measured from the cache arrays of the
-model actually built (`jaxllm.generate.kv_cache_bytes`); the script stops if the two disagree
+model actually built (`jaxllm.sampling.kv_cache_bytes`); the script stops if the two disagree
 at the built depth. On the CPU the depth defaults to 2 layers so that it runs in a minute or
 two; tokens/s is then for that depth. Prints a table and writes
 benchmarks/results/kv_cache.json.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm import config, models
-from jaxllm.generate import kv_cache_bytes
+from jaxllm.sampling import kv_cache_bytes
 
 BASE = [
     "model.d_model=2560", "model.n_heads=40", "model.head_dim=64", "model.d_ff=6912",

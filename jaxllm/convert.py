@@ -19,6 +19,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import yaml
+
+from jaxllm.config import ConfigError
+from jaxllm.interop import hf
+from jaxllm.interop.safetensors import SafetensorsError
+from jaxllm.training.checkpoint import load_params_for_sampling
+
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -29,9 +36,6 @@ _TOKENIZER_FILES = (
 
 def export(run_dir: Path, out: Path, *, dtype: str | None, max_shard_bytes: int) -> Path:
     """The newest checkpoint of `run_dir` as a Hugging Face folder `out`."""
-    from jaxllm.interop import hf
-    from jaxllm.training.loop import load_params_for_sampling
-
     if not (run_dir / "config.yaml").exists():
         raise hf.HFError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg, _, params, step = load_params_for_sampling(run_dir)
@@ -48,10 +52,6 @@ def export(run_dir: Path, out: Path, *, dtype: str | None, max_shard_bytes: int)
 
 def inspect(path: Path, *, check_weights: bool) -> str:
     """The `model:` YAML section of the Hugging Face folder `path`."""
-    import yaml
-
-    from jaxllm.interop import hf
-
     cfg = hf.model_config_from_hf(hf.read_hf_config(path))
     if check_weights:
         hf.load_params(path, cfg)
@@ -77,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("hf_dir", type=Path)
     ins.add_argument("--check-weights", action="store_true", help="also read every tensor")
     args = ap.parse_args(argv)
-
-    from jaxllm.config import ConfigError
-    from jaxllm.interop.safetensors import SafetensorsError
 
     try:
         if args.command == "export":

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from jaxllm import models
-from jaxllm.generate import Sampler, sample_logits
+from jaxllm.sampling import Sampler, sample_logits
 from jaxllm.training.state import Model
 from tests.helpers import tiny
 

@@ -1,7 +1,8 @@
 """Checkpoints through orbax: train state, data-iterator state and run metadata together.
 
 Saves are asynchronous; orbax writes each step into a temporary folder and renames it when
-complete, so `latest_step()` never returns a half-written checkpoint.
+complete, so `latest_step()` never returns a half-written checkpoint. `load_params_for_sampling`
+reads a finished run's newest parameters back (for `jaxllm.generate` and `jaxllm.convert`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from jaxllm import config as config_lib
+from jaxllm.config import ConfigError
+from jaxllm.parallel.mesh import make_mesh
+from jaxllm.training.state import Trainer
 
 
 class Checkpointer:
@@ -71,3 +77,18 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params_for_sampling(run_dir: Path):
+    """(config, trainer, params, step) of a run's newest checkpoint, on one local device."""
+    cfg = config_lib.load(str(run_dir / "config.yaml"), ())
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    trainer = Trainer.create(cfg, mesh)
+    # Reading only: a run trained with train.resume=never keeps its checkpoints here.
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"{run_dir}: no checkpoint to sample from")
+    state = ckpt.restore_params(step, trainer.abstract_state())
+    ckpt.close()
+    return cfg, trainer, state["params"], step

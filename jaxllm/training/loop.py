@@ -6,7 +6,6 @@ import math
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,8 +13,10 @@ import numpy as np
 from jaxllm import config as config_lib
 from jaxllm.config import Config, ConfigError
 from jaxllm.data import Pipeline
+from jaxllm.interop import hf
 from jaxllm.models import flops_per_token
 from jaxllm.parallel.mesh import make_mesh
+from jaxllm.sampling import Sampler
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import (
     MetricsWriter,
@@ -89,8 +90,6 @@ def evaluate(eval_step, params, batches, sharding) -> float:
 def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes; returns a summary of the run."""
     if cfg.checkpoint.init_from:
-        from jaxllm.interop import hf
-
         # The imported checkpoint fixes the architecture (see `hf.config_for_init`).
         cfg = hf.config_for_init(cfg)
     mesh_sizes = cfg.parallel.mesh.resolve(jax.device_count())
@@ -134,8 +133,6 @@ def train(cfg: Config) -> dict:
     if resume_step is not None:
         state, _ = ckpt.restore(resume_step, trainer.abstract_state(), train_iter)
     elif cfg.checkpoint.init_from:
-        from jaxllm.interop import hf
-
         path = cfg.checkpoint.init_from.removeprefix("hf:")
         params = hf.load_params(path, cfg.model, shardings=trainer.state_shardings["params"])
         state = trainer.init_state_from(params)
@@ -250,8 +247,6 @@ def _log_train(pending, writer: MetricsWriter, progress: Progress) -> None:
 
 
 def _print_samples(cfg: Config, trainer: Trainer, params, tokenizer) -> None:
-    from jaxllm.generate import Sampler
-
     sampler = Sampler(trainer.model, params, max_len=min(cfg.model.max_seq_len, 512))
     prompts = ["def ", "import ", "class "][: cfg.train.sample_lines]
     print("samples:")
@@ -262,18 +257,3 @@ def _print_samples(cfg: Config, trainer: Trainer, params, tokenizer) -> None:
         )  # fmt: skip
         first = (prompt + text).splitlines()[:3]
         print("  | " + "\n  | ".join(first))
-
-
-def load_params_for_sampling(run_dir: Path):
-    """(config, trainer, params) of the newest checkpoint of a run, on this host's devices."""
-    cfg = config_lib.load(str(run_dir / "config.yaml"), ())
-    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
-    trainer = Trainer.create(cfg, mesh)
-    # Reading only: a run trained with train.resume=never keeps its checkpoints here.
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"{run_dir}: no checkpoint to sample from")
-    state = ckpt.restore_params(step, trainer.abstract_state())
-    ckpt.close()
-    return cfg, trainer, state["params"], step

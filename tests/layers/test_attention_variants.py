@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxllm import config, models
-from jaxllm.generate import kv_cache_bytes
+from jaxllm.sampling import kv_cache_bytes
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # float32 end to end, as tests/models/test_decoder.py
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxllm import config, models
-from jaxllm.generate import Sampler, kv_cache_bytes
+from jaxllm.sampling import Sampler, kv_cache_bytes
 from jaxllm.layers import registry
 from jaxllm.layers.lightning import linear_attention_flops
 from jaxllm.training.loop import train
