@@ -10,19 +10,21 @@ from __future__ import annotations
 import sys
 import textwrap
 
+from jaxllm import config
+from jaxllm.data import DataError
+from jaxllm.layers import registry
+from jaxllm.parallel import distributed
+from jaxllm.training.loop import train
+
 USAGE = "python -m jaxllm.train [PRESET_OR_PATH] [key.sub=value ...] [--print-config] [--help]"
 
 
 def _help() -> str:
-    from jaxllm import config
-
     lines = [USAGE, "", textwrap.dedent(__doc__.split("\n", 2)[2]).strip(), "", "Presets:"]
     lines.append("  " + ", ".join(config.presets()))
     lines += ["", "Keys (key = default):"]
     for key, typ, desc in config.keys():
         lines.append(f"  {key:<28} {typ}" + (f"  — {desc}" if desc else ""))
-    from jaxllm.layers import registry
-
     lines += [
         "",
         f"Token mixers (model.mixer, model.layer_pattern): {', '.join(registry.mixers())}",
@@ -39,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
-    from jaxllm.parallel import distributed
-
     try:
         # one of several processes: join them before jax starts (jaxllm.parallel.distributed)
         cluster, argv = distributed.pop_flags(argv)
@@ -57,16 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and "=" not in argv[0]:
         preset, argv = argv[0], argv[1:]
 
-    from jaxllm import config
-    from jaxllm.data import DataError
-
     try:
         cfg = config.load(preset, argv)
         if print_only:
             print(config.to_yaml(cfg), end="")
             return 0
-        from jaxllm.training.loop import train
-
         train(cfg)
     except (config.ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

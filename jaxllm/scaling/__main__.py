@@ -170,6 +170,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         raise UsageError(f"fit: {e}") from None
     print(f"{y_name} vs {x_name}: {fit}")
     if args.plot:
+        # matplotlib (about 1 s to import) only with --plot; the backend before pyplot.
         import matplotlib
 
         matplotlib.use("Agg")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind`, longest key first.
 PEAK_FLOPS = {
@@ -82,8 +84,6 @@ class MetricsWriter:
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
@@ -118,8 +118,6 @@ class Progress:
     def __init__(self, total: int, initial: int, mode: str = "auto"):
         self.bar = None
         if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, record: dict) -> None:
@@ -157,6 +155,7 @@ def _fmt(record: dict) -> str:
 
 
 def plot_losses(path: Path, records: list[dict]) -> None:
+    # matplotlib (about 1 s to import) only when a plot is asked for; the backend before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")
