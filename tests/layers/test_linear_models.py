@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from jaxllm import config, models
-from jaxllm.sampling import Sampler, kv_cache_bytes
 from jaxllm.layers import registry
 from jaxllm.layers.lightning import linear_attention_flops
+from jaxllm.sampling import Sampler, kv_cache_bytes
 from jaxllm.training.loop import train
 from jaxllm.training.state import Model
 from tests.helpers import tiny
