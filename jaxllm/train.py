@@ -14,22 +14,14 @@ USAGE = "python -m jaxllm.train [PRESET_OR_PATH] [key.sub=value ...] [--print-co
 
 
 def _help() -> str:
-    from jaxllm import config
+    from jaxllm import choices, config
 
     lines = [USAGE, "", textwrap.dedent(__doc__.split("\n", 2)[2]).strip(), "", "Presets:"]
     lines.append("  " + ", ".join(config.presets()))
     lines += ["", "Keys (key = default):"]
     for key, typ, desc in config.keys():
         lines.append(f"  {key:<28} {typ}" + (f"  — {desc}" if desc else ""))
-    from jaxllm.layers import registry
-
-    lines += [
-        "",
-        f"Token mixers (model.mixer, model.layer_pattern): {', '.join(registry.mixers())}",
-        f"Channel mixers (model.ffn): {', '.join(registry.ffns())}",
-        "Mixer options: model.mixers.<name>.<option>=value",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *choices.known()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and "=" not in argv[0]:
         preset, argv = argv[0], argv[1:]
 
-    from jaxllm import config
+    from jaxllm import choices, config
     from jaxllm.data import DataError
 
     try:
         cfg = config.load(preset, argv)
+        choices.check(cfg)
         if print_only:
             print(config.to_yaml(cfg), end="")
             return 0

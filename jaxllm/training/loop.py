@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxllm import choices
 from jaxllm import config as config_lib
 from jaxllm.config import Config, ConfigError
 from jaxllm.data import Pipeline
@@ -267,6 +268,7 @@ def _print_samples(cfg: Config, trainer: Trainer, params, tokenizer) -> None:
 def load_params_for_sampling(run_dir: Path):
     """(config, trainer, params) of the newest checkpoint of a run, on this host's devices."""
     cfg = config_lib.load(str(run_dir / "config.yaml"), ())
+    choices.check(cfg)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     trainer = Trainer.create(cfg, mesh)
     # Reading only: a run trained with train.resume=never keeps its checkpoints here.
