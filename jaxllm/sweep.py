@@ -71,7 +71,7 @@ def run_grid(
     preset: str, items: list[str], steps: int, out_dir: Path, smooth: float = 0.9
 ) -> list[dict[str, Any]]:
     """Train every point of the grid; returns one record per run (curves included)."""
-    from jaxllm.optim.factory import resolved
+    from jaxllm.optim import resolved
     from jaxllm.training.loop import train
 
     axes, fixed = parse_grid(items)

@@ -67,6 +67,10 @@ def test_bad_input_is_one_line_naming_the_field(override, expected):
         ("model.mixers.softmax.qk_nrm=true", "unknown key 'model.mixers.softmax.qk_nrm'"),
         ("model.mixers.lightning.bogus=1", "unknown key 'model.mixers.lightning.bogus'"),
         ("model.ffns.moe.top_k=0", "model.ffns.moe.top_k: Input should be greater than"),
+        ("optim.name=nope", "optim.name: unknown optimizer 'nope'; known: adamw, came, lion"),
+        ("optim.optimizers.nope.x=1", "optim.optimizers: unknown optimizer 'nope'"),
+        ("optim.optimizers.came.eps3=0.9", "unknown key 'optim.optimizers.came.eps3'; did you"),
+        ("optim.optimizers.adamw.eps=0", "optim.optimizers.adamw.eps: Input should be greater"),
         ("precision.quantize.x=e9m9", "precision.quantize.x: 'e9m9' is not an ExMy spec"),
     ],
 )
@@ -78,6 +82,15 @@ def test_a_name_no_registry_holds_is_one_line_naming_the_field(override, expecte
     msg = str(err.value)
     assert expected in msg, msg
     assert "\n" not in msg
+
+
+def test_moved_optimizer_fields_are_unknown_keys():
+    for key in ("eps", "b3", "eps1", "eps2", "clip_threshold"):
+        with pytest.raises(ConfigError, match=f"unknown key 'optim.{key}'"):
+            config.load("default", [f"optim.{key}=0.5"])
+    cfg = config.load("default", ["optim.name=came", "optim.optimizers.came.b3=0.999"])
+    choices.check(cfg)
+    assert cfg.optim.optimizers == {"came": {"b3": 0.999}}
 
 
 def test_config_imports_no_jaxllm_module_but_the_ground():
