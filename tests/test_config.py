@@ -12,6 +12,7 @@ def test_every_preset_loads():
     assert {"default", "llama-125m", "llama-1b", "llama-7b"} <= set(names)
     for name in names:
         cfg = config.load(name)
+        choices.check(cfg)
         assert cfg.name == name
 
 
