@@ -366,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     preset, overrides = rest[0], rest[1:]
 
-    from jaxllm import config
+    from jaxllm import choices, config
 
     try:
         topo = parse_topology(topo_name)
         cfg = config.load(preset, overrides)
+        choices.check(cfg)
     except (TopologyError, config.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,6 +4,9 @@ A run's config is `Config`: sections `model`, `data`, `optim`, `train`, `paralle
 `checkpoint`, `logging`. Presets are YAML files in `configs/` (shipped inside the package) holding
 deltas over the typed defaults. `load(preset_or_path, overrides)` resolves one; any bad input
 raises `ConfigError` with a single line that names the field and what it accepts.
+
+Names a registry holds (token and channel mixers, optimizers, ExMy specs) and their options
+are checked by the registries themselves, on a loaded config: `jaxllm.choices.check(cfg)`.
 """
 
 from __future__ import annotations
@@ -18,11 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jaxllm.layers import registry
-
-
-class ConfigError(ValueError):
-    """A user error in the config: the message is one line naming the field."""
+from jaxllm.errors import ConfigError, validation_message
 
 
 class Section(BaseModel):
@@ -92,14 +91,6 @@ class ModelConfig(Section):
             )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
-        for name in set(self.mixer_names()) | set(self.mixers):
-            registry.mixer(name)
-        for name in {self.ffn} | set(self.ffns):
-            registry.ffn(name)
-        for name, options in self.mixers.items():
-            registry.mixer(name).config_cls.model_validate(options)
-        for name, options in self.ffns.items():
-            registry.ffn(name).config_cls.model_validate(options)
         return self
 
 
@@ -210,24 +201,23 @@ class Co2Config(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "came", "lion", "signum", "sign_sgd", "sgd"] = Field(
-        "adamw", description="sgd = momentum SGD (b1), a linear reference for CO2"
-    )
+    name: str = Field(
+        "adamw", description="a registered optimizer; sgd = momentum SGD (b1), a linear "
+        "reference for CO2",
+    )  # fmt: skip
     lr: float | None = Field(None, gt=0, description="peak learning rate; None = the optimizer's")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
     b1: float = Field(0.9, ge=0, lt=1, description="momentum (Signum's beta, SGD's momentum)")
     b2: float | None = Field(None, ge=0, lt=1, description="None = the optimizer's")
-    eps: float = Field(1e-8, gt=0, description="adamw")
     weight_decay: float | None = Field(
         None, ge=0, description="decoupled, matrices only; None = the optimizer's"
     )
     grad_clip: float | None = Field(1.0, gt=0, description="global-norm clip; None = off")
-    b3: float = Field(0.9999, ge=0, lt=1, description="came: instability decay")
-    eps1: float = Field(1e-30, gt=0, description="came: added to g²")
-    eps2: float = Field(1e-16, gt=0, description="came: added to the instability")
-    clip_threshold: float = Field(1.0, gt=0, description="came: update RMS clip")
+    optimizers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of each optimizer, by name"
+    )
     groups: list[ParamGroup] = Field(
         default_factory=list, description="per-parameter-group lr / decay; first match wins"
     )
@@ -278,16 +268,6 @@ class QuantizeConfig(Section):
     w_dx: str | None = Field(None, description="P4, weight in the dX GEMM")
     dy_dw: str | None = Field(None, description="P5, output gradient in the dW GEMM")
     x_dw: str | None = Field(None, description="P6, activation in the dW GEMM")
-
-    @model_validator(mode="after")
-    def _check(self) -> QuantizeConfig:
-        from jaxllm.precision.exmy import parse_exmy
-
-        for name in type(self).model_fields:
-            spec = getattr(self, name)
-            if spec is not None:
-                parse_exmy(spec)
-        return self
 
 
 class PrecisionConfig(Section):
@@ -455,8 +435,6 @@ class Config(Section):
                     f"data.domains names domain {max(d.domains.values())}: the hash router has "
                     f"model.ffns.moe.n_domains={n}"
                 )
-        if m.ffn == "moe" and (n_ep := self.parallel.mesh.expert) > 1:
-            registry.ffn("moe").config_cls.model_validate(moe).check_expert_axis(n_ep)
         if self.parallel.mesh.tensor > 1:
             t = self.parallel.mesh.tensor
             for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):
@@ -540,32 +518,6 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _format_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        return f"unknown key {loc!r}" + _suggest(loc)
-    if e["type"] == "literal_error":
-        return f"{loc}: {msg}"
-    got = e.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{loc}: {msg}{shown}" if loc else msg
-
-
-def _suggest(loc: str) -> str:
-    parts = loc.split(".")
-    node: Any = Config
-    for part in parts[:-1]:
-        field = getattr(node, "model_fields", {}).get(part)
-        if field is None or not isinstance(field.annotation, type):
-            return ""
-        node = field.annotation
-    names = list(getattr(node, "model_fields", {}))
-    close = difflib.get_close_matches(parts[-1], names, n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; accepted: {', '.join(names)}"
-
-
 def load(preset_or_path: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Resolve a preset name or YAML path plus `key.sub=value` overrides into a `Config`."""
     name, data = _read_yaml(preset_or_path)
@@ -576,9 +528,7 @@ def load(preset_or_path: str = "default", overrides: list[str] | tuple[str, ...]
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
-    except KeyError as err:  # registry lookups of unknown mixer / ffn names
-        raise ConfigError(str(err.args[0])) from None
+        raise ConfigError(validation_message(err, Config)) from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -25,7 +25,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from jaxllm import choices
 from jaxllm import config as config_lib
+from jaxllm.optim import resolved
+from jaxllm.scaling import fit_b_noise, fit_surge
+from jaxllm.training.loop import train
 
 ALIASES = {"lr": "optim.lr", "batch": "data.batch_size"}
 FIXED = [
@@ -71,9 +75,6 @@ def run_grid(
     preset: str, items: list[str], steps: int, out_dir: Path, smooth: float = 0.9
 ) -> list[dict[str, Any]]:
     """Train every point of the grid; returns one record per run (curves included)."""
-    from jaxllm.optim.factory import resolved
-    from jaxllm.training.loop import train
-
     axes, fixed = parse_grid(items)
     combos = list(itertools.product(*[[(k, v) for v in vals] for k, vals in axes]))
     results = []
@@ -83,6 +84,7 @@ def run_grid(
             preset, [*FIXED, f"train.steps={steps}", f"train.run_dir={out_dir / f'run{i:03d}'}",
                      *fixed, *point],
         )  # fmt: skip
+        choices.check(cfg)
         print(f"[sweep] run {i + 1}/{len(combos)}: {' '.join(point) or '(no grid)'}", flush=True)
         summary = train(cfg)
         records = summary["records"]
@@ -121,8 +123,6 @@ def add_target(results: list[dict], target: float | None) -> float:
 def surge_fit(results: list[dict]) -> dict[str, Any]:
     """Best lr per batch size (fewest steps to the target), then `fit_b_noise` on their
     (steps, tokens) and `fit_surge` on (tokens per step, best lr)."""
-    from jaxllm.scaling import fit_b_noise, fit_surge
-
     best: dict[int, dict] = {}
     for r in results:
         if r["steps_to_target"] is None:

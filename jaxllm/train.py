@@ -10,9 +10,8 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from jaxllm import config
+from jaxllm import choices, config
 from jaxllm.data import DataError
-from jaxllm.layers import registry
 from jaxllm.parallel import distributed
 from jaxllm.training.loop import train
 
@@ -25,13 +24,7 @@ def _help() -> str:
     lines += ["", "Keys (key = default):"]
     for key, typ, desc in config.keys():
         lines.append(f"  {key:<28} {typ}" + (f"  — {desc}" if desc else ""))
-    lines += [
-        "",
-        f"Token mixers (model.mixer, model.layer_pattern): {', '.join(registry.mixers())}",
-        f"Channel mixers (model.ffn): {', '.join(registry.ffns())}",
-        "Mixer options: model.mixers.<name>.<option>=value",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *choices.known()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config.load(preset, argv)
+        choices.check(cfg)
         if print_only:
             print(config.to_yaml(cfg), end="")
             return 0

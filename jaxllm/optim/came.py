@@ -27,6 +27,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from pydantic import Field
+
+from jaxllm.optim.registry import OptimizerOptions, register_optimizer
 
 __all__ = ["CameState", "came", "scale_by_came"]
 
@@ -189,3 +192,20 @@ def came(
         return updates, state
 
     return optax.GradientTransformation(tx.init, update_fn)
+
+
+class CameOptions(OptimizerOptions):
+    """`optim.optimizers.came`: CAME's own hyperparameters (b1, b2 are `optim`'s)."""
+
+    b3: float = Field(0.9999, ge=0, lt=1, description="instability decay")
+    eps1: float = Field(1e-30, gt=0, description="added to g²")
+    eps2: float = Field(1e-16, gt=0, description="added to the instability")
+    clip_threshold: float = Field(1.0, gt=0, description="update RMS clip")
+
+
+@register_optimizer("came", CameOptions, lr=2e-4, b2=0.999, weight_decay=0.1)
+def _came(learning_rate, options: CameOptions, *, b1, b2, weight_decay, mask):
+    return came(
+        learning_rate, b1=b1, b2=b2, b3=options.b3, eps1=options.eps1, eps2=options.eps2,
+        clip_threshold=options.clip_threshold, weight_decay=weight_decay, mask=mask,
+    )  # fmt: skip

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxllm.optim.registry import make_optimizer
 from jaxllm.scaling.surge import surge_optimal_lr
 
 BASE = "base"
@@ -49,8 +50,6 @@ def group_labels(patterns: list[str], params: Any) -> Any:
 
 def grouped_optimizer(optim_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
     """`optim_cfg`'s optimizer per group of `optim_cfg.groups`, partitioned by parameter path."""
-    from jaxllm.optim.factory import make_optimizer
-
     groups = optim_cfg.groups
     transforms = {BASE: make_optimizer(optim_cfg, schedule)}
     for i, g in enumerate(groups):

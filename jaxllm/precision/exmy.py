@@ -23,6 +23,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import ConfigError
+
 BlockSize = int | Literal["channel", "tensor"] | None
 
 
@@ -188,3 +190,14 @@ def parse_exmy(spec: str) -> tuple[int, int, BlockSize]:
             "(1 <= E <= 8, 0 <= M <= 23)"
         ) from None
     return e, m, bs
+
+
+def check_specs(quantize_cfg) -> None:
+    """`ConfigError` naming the first field of `quantize_cfg` (a `QuantizeConfig`, the six
+    GEMM inputs of `precision.quantize`) that holds no ExMy spec."""
+    for name, spec in quantize_cfg.model_dump().items():
+        if spec is not None:
+            try:
+                parse_exmy(spec)
+            except ValueError as e:
+                raise ConfigError(f"precision.quantize.{name}: {e}") from None

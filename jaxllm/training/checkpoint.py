@@ -15,6 +15,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxllm import choices
 from jaxllm import config as config_lib
 from jaxllm.config import ConfigError
 from jaxllm.parallel.mesh import make_mesh
@@ -82,6 +83,7 @@ class Checkpointer:
 def load_params_for_sampling(run_dir: Path):
     """(config, trainer, params, step) of a run's newest checkpoint, on one local device."""
     cfg = config_lib.load(str(run_dir / "config.yaml"), ())
+    choices.check(cfg)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     trainer = Trainer.create(cfg, mesh)
     # Reading only: a run trained with train.resume=never keeps its checkpoints here.

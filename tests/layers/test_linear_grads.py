@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm import config, models
+from jaxllm import choices, config, models
 from tests.helpers import assert_close
 
 F32_RATIO = 1e-5
@@ -102,8 +102,9 @@ def test_every_parameter_has_the_same_gradient_on_every_impl(case):
 def test_lcsm_pallas_needs_a_kernel_memory():
     """impl=pallas is the lightning kernel: the data-dependent memory has none."""
     with pytest.raises(config.ConfigError, match="impl=pallas needs oscillation"):
-        config.load("lcsm-tiny", ["model.mixers.lcsm.impl=pallas"])
+        choices.check(config.load("lcsm-tiny", ["model.mixers.lcsm.impl=pallas"]))
     cfg = config.load("lcsm-tiny", ["model.mixers.lcsm.impl=pallas",
                                     "model.mixers.lcsm.oscillation=static",
                                     "model.mixers.lcsm.expand=silu"])  # fmt: skip
+    choices.check(cfg)
     assert cfg.model.mixers["lcsm"]["impl"] == "pallas"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from jaxllm.optim import DEFAULTS, build_optimizer, resolved
+from jaxllm.optim import build_optimizer, optimizer, resolved
 from jaxllm.optim.came import CameState
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.training.loop import train
@@ -34,13 +34,13 @@ def _one_update(name, grads_value, *overrides):
 def test_defaults_are_per_optimizer():
     assert resolved(tiny("optim.name=lion").optim) == {"lr": 3e-3, "b2": 0.99, "weight_decay": 0.3}
     cfg = tiny("optim.name=adamw", "optim.lr=null")
-    assert resolved(cfg.optim) == DEFAULTS["adamw"]
+    adamw = optimizer("adamw").defaults
+    assert resolved(cfg.optim) == adamw == {"lr": 3e-4, "b2": 0.95, "weight_decay": 0.1}
     # Sign-based: lr below AdamW's, decay above it, so that lr·wd stays comparable.
     for name in ("lion", "signum", "sign_sgd"):
-        assert DEFAULTS["adamw"]["lr"] / DEFAULTS[name]["lr"] == pytest.approx(3.0)
-        assert DEFAULTS[name]["weight_decay"] / DEFAULTS["adamw"]["weight_decay"] == pytest.approx(
-            3.0
-        )
+        own = optimizer(name).defaults
+        assert adamw["lr"] / own["lr"] == pytest.approx(3.0)
+        assert own["weight_decay"] / adamw["weight_decay"] == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("name", ["lion", "signum", "sign_sgd", "sgd", "adamw", "came"])

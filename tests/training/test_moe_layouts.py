@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxllm import choices
 from jaxllm.config import ConfigError
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import use_rules
@@ -141,11 +142,11 @@ def test_delayed_keys_do_not_depend_on_the_expert_path(path):
 )  # fmt: skip
 def test_an_expert_axis_that_does_not_split_the_experts_is_a_config_error(moe, expert, runs):
     with pytest.raises(ConfigError) as err:
-        tiny("model.ffn=moe", *moe, f"parallel.mesh.expert={expert}")
+        choices.check(tiny("model.ffn=moe", *moe, f"parallel.mesh.expert={expert}"))
     msg = str(err.value)
     assert msg == (
         f"parallel.mesh.expert={expert} must divide the routed experts of each width "
         f"({runs} in model.ffns.moe)"
     )
     assert "\n" not in msg
-    tiny("model.ffn=moe", *moe, "parallel.mesh.expert=2")  # an axis of 2 splits both
+    choices.check(tiny("model.ffn=moe", *moe, "parallel.mesh.expert=2"))  # 2 splits both
