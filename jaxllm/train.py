@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
-    from jaxllm.parallel import distributed
+    from jaxllm.parallel.core import distributed
 
     try:
-        # one of several processes: join them before jax starts (jaxllm.parallel.distributed)
+        # one of several processes: join them before jax starts (jaxllm.parallel.core.distributed)
         cluster, argv = distributed.pop_flags(argv)
         if not print_only:
             distributed.initialize(cluster)
