@@ -1,6 +1,6 @@
 """Bytes per parameter that the data-parallel gradient all-reduce moves, float32 (GSPMD's
 all-reduce, `precision.fp8=none`) against FP8-LM's (`precision.fp8=current`, O1: the train
-step's shard_map over `data` and `jaxllm.precision.fp8_comm`), read from the compiled HLO of
+step's shard_map over `data` and `jaxllm.parallel.fp8_allreduce`), read from the compiled HLO of
 the real train step.
 
     JAX_PLATFORMS=cpu python benchmarks/fp8_allreduce.py [--json out.json] [key=value ...]
@@ -32,7 +32,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from sequence_parallel import collective_bytes  # noqa: E402
 
 from jaxllm import config  # noqa: E402
-from jaxllm.parallel.mesh import make_mesh  # noqa: E402
+from jaxllm.parallel.core.mesh import make_mesh  # noqa: E402
 from jaxllm.training.state import Trainer  # noqa: E402
 from jaxllm.training.step import make_train_step  # noqa: E402
 

@@ -57,7 +57,7 @@ def _jaxllm_runner(shape: tuple, dtype: str, remat: str, scan: bool):
     from train_step import synthetic_batch
 
     from jaxllm import config
-    from jaxllm.parallel.mesh import make_mesh
+    from jaxllm.parallel.core.mesh import make_mesh
     from jaxllm.training.state import Trainer
     from jaxllm.training.step import make_train_step
 

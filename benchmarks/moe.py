@@ -55,8 +55,8 @@ from jaxllm.layers.mlp import SwiGLU, SwiGLUConfig  # noqa: E402
 from jaxllm.layers.moe import MoE, MoEConfig  # noqa: E402
 from jaxllm.ops import moe as M  # noqa: E402
 from jaxllm.ops import moe_routing as R  # noqa: E402
-from jaxllm.parallel.mesh import make_mesh  # noqa: E402
-from jaxllm.parallel.rules import use_rules  # noqa: E402
+from jaxllm.parallel.core.mesh import make_mesh  # noqa: E402
+from jaxllm.parallel.core.rules import use_rules  # noqa: E402
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1}
 

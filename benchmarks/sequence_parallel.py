@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from jaxllm.parallel.mesh import make_mesh  # noqa: E402
+from jaxllm.parallel.core.mesh import make_mesh  # noqa: E402
 from jaxllm.parallel.sequence import attention_sp, lightning_attention_sp  # noqa: E402
 
 B, H, K = 8, 8, 64

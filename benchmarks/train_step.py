@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxllm import config
 from jaxllm.models import flops_per_token
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.metrics import peak_flops_per_device
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import make_train_step

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jaxllm.errors import ConfigError, validation_message
+from jaxllm.parallel.core.axes import MESH_AXES
+from jaxllm.parallel.core.mesh import resolve_sizes
 
 
 class Section(BaseModel):
@@ -305,9 +306,6 @@ class PrecisionConfig(Section):
 # -------------------------------------------------------------------------- parallel
 
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
-
-
 class MeshConfig(Section):
     data: int = Field(-1, description="-1 = the devices left over")
     fsdp: int = 1
@@ -329,27 +327,10 @@ class MeshConfig(Section):
 
     def resolve(self, n_devices: int) -> dict[str, int]:
         """Axis sizes with -1 filled in; `ConfigError` if they do not tile `n_devices`."""
-        sizes = {a: getattr(self, a) for a in MESH_AXES}
-        known = math.prod(s for s in sizes.values() if s != -1)
-        for axis, size in sizes.items():
-            if size == -1:
-                if n_devices % known:
-                    raise ConfigError(
-                        f"parallel.mesh: {known} devices in the fixed axes do not divide "
-                        f"the {n_devices} devices"
-                    )
-                sizes[axis] = n_devices // known
-        if math.prod(sizes.values()) != n_devices:
-            raise ConfigError(
-                f"parallel.mesh: {sizes} uses {math.prod(sizes.values())} devices, "
-                f"but {n_devices} are available"
-            )
-        if sizes["expert"] == 1:
-            # Meshes without expert parallelism keep their three-axis shape.
-            del sizes["expert"]
-        if sizes["sequence"] == 1:
-            del sizes["sequence"]
-        return sizes
+        try:
+            return resolve_sizes({a: getattr(self, a) for a in MESH_AXES}, n_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 class ParallelConfig(Section):

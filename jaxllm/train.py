@@ -12,7 +12,7 @@ import textwrap
 
 from jaxllm import choices, config
 from jaxllm.data import DataError
-from jaxllm.parallel import distributed
+from jaxllm.parallel.core import distributed
 from jaxllm.training.loop import train
 
 USAGE = "python -m jaxllm.train [PRESET_OR_PATH] [key.sub=value ...] [--print-config] [--help]"
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
     try:
-        # one of several processes: join them before jax starts (jaxllm.parallel.distributed)
+        # one of several processes: join them before jax starts (jaxllm.parallel.core.distributed)
         cluster, argv = distributed.pop_flags(argv)
         if not print_only:
             distributed.initialize(cluster)

@@ -45,7 +45,7 @@ from jaxllm.interop.hf_config import (
     model_config_from_hf,
     read_hf_config,
 )
-from jaxllm.parallel.rules import sharding_for
+from jaxllm.parallel.core.rules import sharding_for
 
 __all__ = [
     "FAMILIES",

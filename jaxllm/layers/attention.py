@@ -15,7 +15,7 @@ from jaxllm.layers.positions import RopeScaling, rope
 from jaxllm.layers.registry import register_mixer
 from jaxllm.ops.attention import attention
 from jaxllm.parallel import sequence
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.core.rules import constrain
 
 Cache = dict[str, jax.Array]
 

@@ -62,7 +62,7 @@ def param(
     dtype: str = "float32",
 ) -> nnx.Param:
     """A parameter annotated with logical axes (`axes`, one name per dim) for the sharding
-    rules in `jaxllm.parallel.rules`. `init`: normal(std) | zeros | ones."""
+    rules in `jaxllm.parallel.core.rules`. `init`: normal(std) | zeros | ones."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "normal":
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)

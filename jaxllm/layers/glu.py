@@ -10,7 +10,7 @@ from pydantic import Field
 
 from jaxllm.layers.base import LayerConfig, cast, dense, param, tag
 from jaxllm.layers.registry import register_ffn
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.core.rules import constrain
 
 _ACTIVATIONS = {"none": lambda x: x, "silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
 

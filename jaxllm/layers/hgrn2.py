@@ -36,7 +36,7 @@ from jaxllm.layers.registry import register_mixer
 from jaxllm.ops.gated_linear_attention import DEFAULT_CHUNK_SIZE as GLA_CHUNK_SIZE
 from jaxllm.ops.gated_linear_attention import gated_linear_attention, gated_linear_attention_step
 from jaxllm.parallel import sequence
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.core.rules import constrain
 
 Cache = dict[str, jax.Array]
 _ACT = ("batch", "length", "act_heads", None)

@@ -33,7 +33,7 @@ from jaxllm.layers.hgrn2 import gated_attend
 from jaxllm.layers.lightning import linear_attend, linear_attention_flops, tnl_log_decay
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.registry import register_mixer
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.core.rules import constrain
 
 Cache = dict[str, jax.Array]
 _ACT = ("batch", "length", "act_heads", None)

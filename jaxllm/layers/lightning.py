@@ -28,7 +28,7 @@ from jaxllm.ops.lightning_attention_packed import (
     lightning_attention_packed,
 )
 from jaxllm.parallel import sequence
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.core.rules import constrain
 
 Cache = dict[str, jax.Array]
 _ACT = ("batch", "length", "act_heads", None)

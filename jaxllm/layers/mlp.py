@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxllm.layers.base import LayerConfig, cast, dense, param, tag
 from jaxllm.layers.registry import register_ffn
-from jaxllm.parallel.rules import constrain
+from jaxllm.parallel.core.rules import constrain
 
 
 class SwiGLUConfig(LayerConfig):

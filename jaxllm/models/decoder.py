@@ -16,7 +16,7 @@ from jaxllm.layers.base import DIM_FIELDS, LAYER_INPUT, cast, param, tag
 from jaxllm.layers.norms import RMSNorm
 from jaxllm.layers.srms import SRMSNorm
 from jaxllm.models.scan import ScanPlan, plan_layers, stack_modules
-from jaxllm.parallel.rules import avoid_split_gathers, constrain
+from jaxllm.parallel.core.rules import avoid_split_gathers, constrain
 
 _ACT = ("batch", "length", "act_embed")
 # Entries of the blocks' `carry` that no layer writes: the same for every layer.

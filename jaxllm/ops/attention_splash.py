@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.parallel.rules import active_mesh, map_mesh
+from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
+from jaxllm.parallel.core.per_device import per_device
 
 BLOCKS = (512, 256, 128)
-TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 
 
 def block_size(t: int) -> int | None:
@@ -116,17 +116,6 @@ def _local(q_BTHK, k_BTGK, v_BTGV, seg_BT, *, causal: bool, interpret: bool):
     )
 
 
-def _axes(mesh, names, dim):
-    """The mesh axes among `names` that split a dimension of size dim evenly (None: none)."""
-    kept, size = [], 1
-    for name in names:
-        n = mesh.shape.get(name, 1)
-        if n > 1 and dim % (size * n) == 0:
-            kept.append(name)
-            size *= n
-    return tuple(kept) or None
-
-
 def splash_attention(
     q_BTHK: jax.Array,
     k_BTGK: jax.Array,
@@ -152,19 +141,15 @@ def splash_attention(
     # The kernel takes no scale; MaxText scales q the same way.
     q_BTHK = (q_BTHK * scale).astype(q_BTHK.dtype)
     fn = functools.partial(_local, causal=causal, interpret=interpret)
-    mesh = active_mesh()
-    mesh, free = (None, ()) if mesh is None else map_mesh(mesh)
-    if all(mesh.shape[a] == 1 for a in free):
+    dm = per_device()
+    if dm is None or not dm.splits:
         return fn(q_BTHK, k_BTGK, v_BTGV, segment_ids_BT)
-    g = k_BTGK.shape[2]
-    b = _axes(mesh, [a for a in TOKEN_AXES if a in free], q_BTHK.shape[0])
-    heads = _axes(mesh, [a for a in ("tensor",) if a in free], g)
+    b = dm.axes(BATCH_AXES, q_BTHK.shape[0])
+    heads = dm.axes(HEAD_AXES, k_BTGK.shape[2])
     x = P(b, None, heads, None)
     if segment_ids_BT is None:
         local = lambda q, k, v: fn(q, k, v, None)
         args, specs = (q_BTHK, k_BTGK, v_BTGV), (x, x, x)
     else:
         local, args, specs = fn, (q_BTHK, k_BTGK, v_BTGV, segment_ids_BT), (x, x, x, P(b, None))
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=specs, out_specs=x, axis_names=set(free), check_vma=False
-    )(*args)
+    return dm(local, in_specs=specs, out_specs=x)(*args)

@@ -19,7 +19,7 @@ Three ways to compute it, equal in exact arithmetic:
   otherwise; the choice follows the lowering platform, so an ahead-of-time compile for TPU
   from a CPU host gets the kernel. Every path differentiates log_decay (a learned decay, as
   LCSM's, trains the same on every platform).
-  On a mesh (under `jaxllm.parallel.rules.use_rules`) the kernel runs inside a `shard_map`
+  On a mesh (under `jaxllm.parallel.core.rules.use_rules`) the kernel runs inside a `shard_map`
   (`kernel_per_device`: XLA cannot partition a Mosaic or Triton call), batch rows split over
   the token axes and heads over `tensor`; `lightning_attention_packed` shares it.
 
@@ -35,7 +35,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
-from jaxllm.parallel.rules import active_mesh, map_mesh
+from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
+from jaxllm.parallel.core.per_device import per_device
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 # Measured fwd+bwd on an H100 (B2 H16 K=V=128, bf16 in, T 8K/32K): C=128 is 1.3x faster than
@@ -44,7 +45,6 @@ IMPLS = ("reference", "xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 128
 # Tokens per step of the scan over segments (rounded down to a multiple of the chunk size).
 SEGMENT_TOKENS = 2048
-TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 
 
 def _log_decay_H(log_decay, H):
@@ -217,17 +217,6 @@ def _chunked(q, k, v, g_H, S0_BHKV, C):
     return o_BTHV[:, :T], S_BHKV
 
 
-def _axes(mesh, names, dim):
-    """The mesh axes among `names` that split a dimension of size dim evenly (None: none)."""
-    kept, size = [], 1
-    for name in names:
-        n = mesh.shape.get(name, 1)
-        if n > 1 and dim % (size * n) == 0:
-            kept.append(name)
-            size *= n
-    return tuple(kept) or None
-
-
 def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
     """fn(q, k, v, g_H, S0[, segment_ids]) → (o, S), a Pallas call, once per device.
 
@@ -238,18 +227,15 @@ def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
     are independent; each split only where it divides the dim). Where no axis of size > 1 is
     left automatic (no mesh, or inside sequence parallelism's map) fn is called as it is.
     """
-    mesh = active_mesh()
     args = (q, k, v, g_H, S0_BHKV) + (() if segment_ids is None else (segment_ids,))
-    mesh, free = (None, ()) if mesh is None else map_mesh(mesh)
-    if all(mesh.shape[a] == 1 for a in free):
+    dm = per_device()
+    if dm is None or not dm.splits:
         return fn(*args)
-    b = _axes(mesh, [a for a in TOKEN_AXES if a in free], q.shape[0])
-    h = _axes(mesh, [a for a in ("tensor",) if a in free], q.shape[2])
+    b = dm.axes(BATCH_AXES, q.shape[0])
+    h = dm.axes(HEAD_AXES, q.shape[2])
     x, s = P(b, None, h, None), P(b, h, None, None)
     specs = (x, x, x, P(h), s, P(b, None))[: len(args)]
-    return jax.shard_map(
-        fn, mesh=mesh, in_specs=specs, out_specs=(x, s), axis_names=set(free), check_vma=False
-    )(*args)
+    return dm(fn, in_specs=specs, out_specs=(x, s))(*args)
 
 
 def lightning_attention(

@@ -20,7 +20,7 @@ row's first document (a decode prefix continues the same document).
   takes the kernel where the computation is lowered for TPU (an ahead-of-time compile for TPU
   from a CPU host included) or for CUDA (when the GPU kernel imports) and the chunked form
   elsewhere. Every path differentiates log_decay. On a mesh (under
-  `jaxllm.parallel.rules.use_rules`) it runs inside a `shard_map`, as the unpacked op's kernel
+  `jaxllm.parallel.core.rules.use_rules`) it runs inside a `shard_map`, as the unpacked op's kernel
   (`jaxllm.ops.lightning_attention.kernel_per_device`).
 """
 

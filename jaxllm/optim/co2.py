@@ -65,8 +65,8 @@ replicas carry a leading replica axis R (= the `data` mesh size) sharded over `d
 each replica's own dims sharded like its parameter (fsdp / tensor). The local steps are a
 `lax.scan` over τ batches of a `jax.vmap` over R with ``spmd_axis_name="data"``, so no
 replica communicates with another during them; inside a replica the batch is sharded over
-`fsdp` only (`replica_rules`). The inner optimizer state is never reset at an outer step (the
-official code leaves the torch optimizer's state alone too).
+`fsdp` only (`jaxllm.parallel.core.rules.replica_rules`). The inner optimizer state is never
+reset at an outer step (the official code leaves the torch optimizer's state alone too).
 
 With τ = 1, β = 0, outer_lr = 1, no penalty, no clip and ``stale=False`` the round is one step
 of synchronous data parallelism for any inner optimizer that is linear in the gradient (SGD
@@ -84,7 +84,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-REPLICA_AXIS = "data"
+from jaxllm.parallel.core.axes import DATA
+
+REPLICA_AXIS = DATA
 
 # {"momentum": like params, "prev_start": [R, ...], "prev_local": [R, ...] like params}: every
 # replica's start and end point of the previous round.
@@ -152,17 +154,6 @@ def flush(co2_cfg, params: Any, co2: Co2State) -> Any:
 def replica_mean(tree_R: Any) -> Any:
     """Mean over the leading replica axis: the all-reduce over `data`."""
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree_R)
-
-
-def replica_rules(rules):
-    """The logical-axis rules inside one replica: every mapping to `data` dropped (the vmap's
-    ``spmd_axis_name`` owns that axis)."""
-    out = []
-    for name, target in rules:
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = tuple(a for a in axes if a != REPLICA_AXIS)
-        out.append((name, None if not kept else kept[0] if len(kept) == 1 else kept))
-    return tuple(out)
 
 
 def per_replica_shardings(shardings: Any, mesh: Mesh) -> Any:

@@ -13,11 +13,11 @@ balancing losses see the global batch). Inside the shard_map, per device:
   3. the owner sorts what it received by local expert and runs the grouped matmul
      (`jaxllm.ops.moe.grouped_swiglu`), then the rows go back the same way and are combined.
 
-Token axes ("data", "fsdp", "expert") are manual in the shard_map; "tensor" stays automatic,
-so the experts' F dim may be tensor-sharded by the partitioner around it. Nested in a shard_map
-that has made some token axes manual already (the train step's per-replica one, over `data`),
-it splits over the remaining ones: the exchange and the capacity statistics then see one
-replica's tokens, exactly as the model alone on that replica's devices would.
+The token axes (`BATCH_AXES`: data, fsdp, expert) are manual in the shard_map; "tensor" stays
+automatic, so the experts' F dim may be tensor-sharded by the partitioner around it. Nested in
+a shard_map that has made some token axes manual already (the train step's per-replica one,
+over `data`), it splits over the remaining ones: the exchange and the capacity statistics then
+see one replica's tokens, exactly as the model alone on that replica's devices would.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops.moe import ExpertGroup, group_bounds, grouped_swiglu, inverse_permutation
 from jaxllm.ops.moe_routing import CapacityStats, Routing, apply_capacity, capacity_for
-from jaxllm.parallel.rules import active_mesh, map_mesh
+from jaxllm.parallel.core.axes import BATCH_AXES, EXPERT
+from jaxllm.parallel.core.per_device import per_device
+from jaxllm.parallel.core.rules import active_mesh
 
-AXIS = "expert"
-TOKEN_AXES = ("data", "fsdp", "expert")
+AXIS = EXPERT
 
 
 def active(mesh: Mesh | None = None) -> bool:
@@ -85,11 +86,11 @@ def expert_parallel_ffn(
     owner_np, local_np = expert_tables(groups, n_dev)
     # inside an outer shard_map (the FP8 all-reduce's, manual over `data`) x_TD holds one
     # replica's tokens: split over the other token axes, capacity stats psum'd within it
-    mesh, free = map_mesh(mesh)
-    if AXIS not in free:
+    dm = per_device(mesh)
+    if AXIS not in dm.free:
         raise ValueError("expert parallelism cannot run inside a shard_map manual over `expert`")
-    tok_axes = tuple(a for a in TOKEN_AXES if a in free)
-    n_tok_dev = int(np.prod([mesh.shape[a] for a in tok_axes]))
+    tok_axes = tuple(a for a in BATCH_AXES if a in dm.free)
+    n_tok_dev = int(np.prod([dm.mesh.shape[a] for a in tok_axes]))
     if x_TD.shape[0] % n_tok_dev:
         raise ValueError(f"{x_TD.shape[0]} tokens do not split over the {n_tok_dev} devices")
     if key is None:
@@ -133,13 +134,11 @@ def expert_parallel_ffn(
     w_spec = P(AXIS, None, None)
     flat_ws = [w for g in groups for w in g]
     stats_spec = None if capacity_factor is None else CapacityStats(P(), P())
-    fn = jax.shard_map(
+    fn = dm(
         body,
-        mesh=mesh,
         in_specs=(tok, tok, tok, tok, tok, P(), *([w_spec] * len(flat_ws))),
         out_specs=(tok, stats_spec),
-        axis_names=set(tok_axes),
-        check_vma=False,
+        manual=tok_axes,
     )
     return fn(x_TD, *routing, scores_TE, key, *flat_ws)
 

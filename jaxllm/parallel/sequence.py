@@ -25,8 +25,9 @@ Softmax attention:
   H/P heads, and back (H and G divisible by P; kv heads are repeated up to H otherwise).
 
 Every function takes global arrays (inside `jit`) and the mesh; the batch dim is split over
-`batch_axes` present in the mesh, heads over `tensor`. `shard_map` runs with `check_vma=True`
-(softmax's without: the splash kernel inside cannot type its outputs' variance).
+`batch_axes` present in the mesh, heads over `tensor`, in a `shard_map` built by
+`jaxllm.parallel.core.per_device` (``check_vma=False``: the splash kernel inside softmax's
+cannot type its outputs' variance).
 Inside a shard_map already manual over some batch axes (the train step's per-replica one, over
 `data`) the arrays are that slice's rows and only the remaining axes split them; the exchanges
 run over `sequence` alone either way, so each row's shards see the same states and keys.
@@ -38,7 +39,6 @@ import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -49,12 +49,13 @@ from jaxllm.ops.attention import attention
 from jaxllm.ops.gated_linear_attention import gated_linear_attention
 from jaxllm.ops.lightning_attention import lightning_attention
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed
-from jaxllm.parallel.rules import active_mesh, map_mesh
+from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES, SEQUENCE
+from jaxllm.parallel.core.per_device import DeviceMap, per_device
+from jaxllm.parallel.core.rules import active_mesh
 
-AXIS = "sequence"
+AXIS = SEQUENCE
 LINEAR_IMPLS = ("lasp2", "lasp1")
 SOFTMAX_IMPLS = ("allgather", "ulysses")
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 _IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("jaxllm_sequence_impl", default="auto")
@@ -87,25 +88,15 @@ def active(kind: str) -> tuple[Mesh, str] | None:
     return mesh, impl if impl in valid else default_impl(kind)
 
 
-def _axes_for(mesh: Mesh, names: Sequence[str], dim: int) -> tuple[str, ...] | None:
-    kept, size = [], 1
-    for n in names:
-        s = mesh.shape.get(n, 1)
-        if s > 1 and dim % (size * s) == 0:
-            kept.append(n)
-            size *= s
-    return tuple(kept) or None
-
-
-def _specs(mesh: Mesh, B: int, H: int, batch_axes: Sequence[str]):
-    """(mesh, free axes, batch axes, head axes) of a shard_map traced here (`map_mesh`): only
-    axes an outer shard_map left automatic split B and H."""
-    mesh, free = map_mesh(mesh)
-    if AXIS not in free:
+def _specs(
+    mesh: Mesh, B: int, H: int, batch_axes: Sequence[str]
+) -> tuple[DeviceMap, tuple[str, ...] | None, tuple[str, ...] | None]:
+    """(the map traced here, batch axes, head axes): only axes an outer shard_map left
+    automatic split B and H."""
+    dm = per_device(mesh)
+    if AXIS not in dm.free:
         raise ValueError("sequence parallelism cannot run in a shard_map manual over `sequence`")
-    b = _axes_for(mesh, [a for a in batch_axes if a in free], B)
-    h = _axes_for(mesh, [a for a in ("tensor",) if a in free], H)
-    return mesh, free, b, h
+    return dm, dm.axes(batch_axes, B), dm.axes(HEAD_AXES, H)
 
 
 def _shards(mesh: Mesh, T: int) -> int:
@@ -176,7 +167,7 @@ def _linear_sp(local_fn, q, k, v, decay, seg, *, mesh, impl, batch_axes, decay_s
         raise ValueError(f"impl must be one of {LINEAR_IMPLS}, got {impl!r}")
     B, T, H, _ = q.shape
     n = _shards(mesh, T)
-    mesh, free, b, h = _specs(mesh, B, H, batch_axes)
+    dm, b, h = _specs(mesh, B, H, batch_axes)
     x_spec = P(b, AXIS, h, None)
 
     def body(q, k, v, decay, seg):
@@ -192,16 +183,9 @@ def _linear_sp(local_fn, q, k, v, decay, seg, *, mesh, impl, batch_axes, decay_s
         o = o0.astype(jnp.float32) + jnp.einsum("bthk,bhkv->bthv", qd, S)
         return o.astype(q.dtype)
 
-    fn = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(x_spec, x_spec, x_spec, decay_spec(b, h), None if seg is None else P(b, AXIS)),
-        out_specs=x_spec,
-        axis_names=set(free),
-        # jax's splash kernel (ops.attention on TPU) cannot type its outputs' variance
-        check_vma=False,
-    )
-    return fn(q, k, v, decay, seg)
+    seg_spec = None if seg is None else P(b, AXIS)
+    in_specs = (x_spec, x_spec, x_spec, decay_spec(b, h), seg_spec)
+    return dm(body, in_specs=in_specs, out_specs=x_spec)(q, k, v, decay, seg)
 
 
 def lightning_attention_sp(
@@ -308,7 +292,7 @@ def attention_sp(
             G = H
         if H % n:
             raise ValueError(f"ulysses needs the {H} heads divisible by the {n} shards")
-    mesh, free, b, h = _specs(mesh, B, G, batch_axes)
+    dm, b, h = _specs(mesh, B, G, batch_axes)
     x_spec, t_spec = P(b, AXIS, h, None), P(b, AXIS)
 
     def gathered(q, k, v, seg, idx):
@@ -331,14 +315,10 @@ def attention_sp(
         )  # fmt: skip
         return lax.all_to_all(o, AXIS, 1, 2, tiled=True)
 
-    fn = jax.shard_map(
+    fn = dm(
         gathered if impl == "allgather" else ulysses,
-        mesh=mesh,
         in_specs=(x_spec, x_spec, x_spec, t_spec, t_spec),
         out_specs=x_spec,
-        axis_names=set(free),
-        # jax's splash kernel (ops.attention on TPU) cannot type its outputs' variance
-        check_vma=False,
     )
     o = fn(q_BTHK, k_BTGK, v_BTGV, seg, idx)
     if order is not None:

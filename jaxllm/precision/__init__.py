@@ -2,8 +2,9 @@
 
 `project(x, w, eq)` is the one entry every dense projection goes through (`project_ragged`
 for the MoE experts' grouped GEMM); `use_precision` picks its precision while a forward pass
-is traced. `fp8_allreduce` is FP8-LM's data-parallel gradient all-reduce (shared scale, μ).
-Imports jax only (never jaxllm layers, models or training).
+is traced. FP8-LM's data-parallel gradient all-reduce is a parallel strategy:
+`jaxllm.parallel.fp8_allreduce`. Imports jax and `jaxllm.parallel.core` only (never jaxllm
+layers, models or training).
 """
 
 from jaxllm.precision.context import (
@@ -33,7 +34,6 @@ from jaxllm.precision.fp8 import (
     init_delayed_entry,
     update_delayed_state,
 )
-from jaxllm.precision.fp8_comm import fp8_allreduce, fp8_psum
 from jaxllm.precision.fp8_optim import fp8_lm, train_state_bytes_per_param
 
 __all__ = [
@@ -43,12 +43,10 @@ __all__ = [
     "current_scaling",
     "exmy_einsum",
     "exmy_max",
-    "fp8_allreduce",
     "fp8_einsum_blockwise",
     "fp8_einsum_current",
     "fp8_einsum_delayed",
     "fp8_lm",
-    "fp8_psum",
     "init_delayed_entry",
     "parse_exmy",
     "project",

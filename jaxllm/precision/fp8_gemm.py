@@ -8,7 +8,7 @@ only reshapes (and FP8 transposes for the backward) around the kernel. Other for
 letter shared by x, w and y as in per-expert weights, a letter summed within one operand,
 reordered outputs) have no such plan and stay on XLA's dot_general.
 
-On a mesh (under `jaxllm.parallel.rules.use_rules`) the kernel runs inside a `shard_map`:
+On a mesh (under `jaxllm.parallel.core.rules.use_rules`) the kernel runs inside a `shard_map`:
 XLA cannot partition a Mosaic call itself. Tokens stay split over the batch axes (data, fsdp,
 expert); the right operand's columns (N: the output features of the forward, the input
 features of dX, the weight's columns of dW) split over `tensor` when they divide into
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.parallel.rules import active_mesh, map_mesh
+from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
+from jaxllm.parallel.core.per_device import per_device
 from jaxllm.precision import einsum as es
 from kernels_pallas.fp8_matmul import fp8_matmul
 
@@ -97,7 +98,6 @@ def plan(eq: str) -> Plan | None:
     return Plan(a, b, c, m, k, n)
 
 
-TOKEN_AXES = ("data", "fsdp", "expert")  # the "batch" rule's axes
 GROUP = 128  # the kernel's fine-grained scale group
 
 
@@ -115,26 +115,17 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
         if jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and not inner
         else jnp.dtype(jnp.float32)  # a psum of partial sums runs in float32
     )
-    mesh = active_mesh()
     # nested in a shard_map (the FP8 all-reduce's per-replica one, manual over `data`), the
     # map splits over the axes still automatic there: the tokens it sees are that slice's
-    mesh, free = (None, ()) if mesh is None else map_mesh(mesh)
-    if all(mesh.shape[a] == 1 for a in free):
+    dm = per_device()
+    if dm is None or not dm.splits:
         return fp8_matmul(p8, q8, sp, sq, out_dtype=kernel_out).astype(out_dtype)
     n_tok = p8.shape[1] if inner else p8.shape[0]
     # whole scale groups per shard when the scales run along the tokens (dW, fine-grained)
-    unit = GROUP if inner and sp.ndim == 2 else 1
-    axes, size = [], 1
-    for ax in (a for a in TOKEN_AXES if a in free):
-        n = mesh.shape.get(ax, 1)
-        if n > 1 and n_tok % (unit * size * n) == 0:
-            axes.append(ax)
-            size *= n
-    t = tuple(axes) or None
+    t = dm.axes(BATCH_AXES, n_tok, unit=GROUP if inner and sp.ndim == 2 else 1)
     # N in 128-wide groups per tensor shard: whole weight blocks of a fine-grained sq, and
     # kernel tiles that need no padding
-    n_ten = mesh.shape["tensor"] if "tensor" in free else 1
-    c = "tensor" if n_ten > 1 and q8.shape[1] % (GROUP * n_ten) == 0 else None
+    c = dm.axes(HEAD_AXES, q8.shape[1], unit=GROUP)
     if inner:  # p8 [K, M], q8 [M, N], sp [K, M/128] | (), sq [M/128, N] | ()
         specs = (
             P(None, t),
@@ -156,8 +147,4 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
         y = fp8_matmul(p8, q8, sp, sq, out_dtype=kernel_out)
         return jax.lax.psum(y, t) if inner and t else y
 
-    fn = jax.shard_map(
-        local, mesh=mesh, in_specs=specs, out_specs=out_spec, axis_names=set(free),
-        check_vma=False,
-    )  # fmt: skip
-    return fn(p8, q8, sp, sq).astype(out_dtype)
+    return dm(local, in_specs=specs, out_specs=out_spec)(p8, q8, sp, sq).astype(out_dtype)

@@ -2,7 +2,7 @@
 
 - ``O1``: the gradients enter the optimizer as FP8 E4M3 with one float32 scale per tensor
   (MS-AMP's weight-gradient format). On a data-parallel mesh they are the output of the FP8
-  all-reduce (`jaxllm.precision.fp8_comm`: shared scale, automatic scaling μ), which the train
+  all-reduce (`jaxllm.parallel.fp8_allreduce`: shared scale, automatic scaling μ), which the train
   step runs; otherwise this wrapper quantizes them with the scale ``448 / amax``. Optimizer
   states and master weights stay float32.
 - ``O2``: O1, plus the optimizer's first moment (``mu`` of AdamW and CAME) stored as FP8
@@ -99,7 +99,7 @@ def fp8_lm(
     """Wrap `inner` (AdamW, CAME, or a chain holding one) at FP8-LM `level` ("O1" | "O2").
 
     `grads_in_fp8`: the gradients already come out of the FP8 data-parallel all-reduce
-    (`jaxllm.precision.fp8_comm`), E4M3 with a per-tensor scale: they are not quantized again
+    (`jaxllm.parallel.fp8_allreduce`), E4M3 with a per-tensor scale: they are not quantized again
     (a second per-tensor scale would round them twice)."""
     if level not in ("O1", "O2"):
         raise ValueError(f"precision.fp8_level={level!r}: use O1 or O2")

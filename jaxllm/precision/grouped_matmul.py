@@ -9,7 +9,7 @@ computes Y and dX with `gmm` and dW with `tgmm`, all three grouped.
 `impl="auto"` picks by lowering platform (`lax.platform_dependent`), so a TPU compile traced
 on a CPU host (AOT) takes megablox. Mosaic kernels cannot be partitioned automatically, so
 "auto" takes megablox only where the call runs unpartitioned: no multi-device mesh active
-(`jaxllm.parallel.rules.use_rules`), or inside a `shard_map` that made every mesh axis manual.
+(`jaxllm.parallel.core.rules.use_rules`), or inside a `shard_map` that made every mesh axis manual.
 `interpret=True` runs megablox's kernels on the CPU, for tests.
 """
 
@@ -22,7 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxllm.parallel.rules import active_mesh
+from jaxllm.parallel.core.rules import active_mesh
 
 # the kernel module (gmm, tgmm); the package's `gmm` attribute is its custom_vjp wrapper
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")

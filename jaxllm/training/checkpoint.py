@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from jaxllm import choices
 from jaxllm import config as config_lib
 from jaxllm.config import ConfigError
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.state import Trainer
 
 

@@ -15,7 +15,7 @@ from jaxllm.config import Config, ConfigError
 from jaxllm.data import Pipeline
 from jaxllm.interop import hf
 from jaxllm.models import flops_per_token
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.sampling import Sampler
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import (
@@ -53,7 +53,7 @@ class StopFlag:
 
 
 def check_batch_layout(cfg: Config, mesh_sizes: dict[str, int]) -> None:
-    # the expert axis also splits the batch (jaxllm.parallel.rules), when the mesh has one
+    # the expert axis also splits the batch (jaxllm.parallel.core.rules), when the mesh has one
     shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes.get("expert", 1)
     micro = cfg.data.batch_size // cfg.train.microbatches
     if micro % shards:

@@ -21,9 +21,9 @@ from jaxllm.config import Config, ConfigError
 from jaxllm.models.scan import LAYERS_AXIS
 from jaxllm.optim import build_optimizer
 from jaxllm.optim import co2 as co2_lib
-from jaxllm.parallel.rules import sharding_for
+from jaxllm.parallel.core.rules import sharding_for
+from jaxllm.parallel.fp8_allreduce import MU_INIT
 from jaxllm.precision import PrecisionSpec, record_delayed_keys
-from jaxllm.precision.fp8_comm import MU_INIT
 from jaxllm.precision.fp8_optim import fp8_lm
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": {...}, "opt_state": optax state}
@@ -187,10 +187,10 @@ class Trainer:
 
 def uses_fp8_allreduce(cfg: Config, mesh: Mesh) -> bool:
     """Whether the train step reduces the gradients over `data` with FP8-LM's all-reduce
-    (`jaxllm.precision.fp8_comm`): FP8 training (levels O1 and O2) on more than one
+    (`jaxllm.parallel.fp8_allreduce`): FP8 training (levels O1 and O2) on more than one
     data-parallel replica, whatever the other axes: the model's own `shard_map`s (expert and
     sequence parallelism, the Pallas FP8 GEMM and lightning kernels) nest inside the step's
-    per-replica one, over the axes other than `data` (`jaxllm.parallel.rules.map_mesh`). Not
+    per-replica one, over the axes other than `data` (`jaxllm.parallel.core.rules.map_mesh`). Not
     with CO2: there is no gradient all-reduce to replace, its replicas take τ local steps on
     their own parameters and exchange those (`jaxllm.optim.co2`), with GSPMD."""
     p = cfg.precision

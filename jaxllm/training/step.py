@@ -13,10 +13,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.optim import co2 as co2_lib
-from jaxllm.parallel.rules import DEFAULT_RULES, avoid_split_gathers, use_rules
+from jaxllm.parallel.core.rules import DEFAULT_RULES, avoid_split_gathers, replica_rules, use_rules
+from jaxllm.parallel.fp8_allreduce import data_parallel_fp8, update_mu
 from jaxllm.parallel.sequence import use_impl
 from jaxllm.precision import PrecisionSpec, update_delayed_state, use_precision
-from jaxllm.precision.fp8_comm import fp8_psum, update_mu
 from jaxllm.training.remat import block_remat
 from jaxllm.training.state import Trainer, TrainState
 
@@ -173,13 +173,18 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
     The loss is the mean over every unmasked target token of the global batch, however the
     batch is split into `train.microbatches` (token sums are accumulated, then divided once).
     With `trainer.fp8_allreduce` the gradients are summed over `data` by FP8-LM's all-reduce
-    (`_fp8_data_parallel`), its μ carried in `state["fp8_comm"]` and logged as `fp8_mu`.
+    (`jaxllm.parallel.fp8_allreduce.data_parallel_fp8`), its μ carried in `state["fp8_comm"]`
+    and logged as `fp8_mu`.
     """
     cfg = trainer.cfg
     if cfg.optim.co2.enabled:
         return _make_co2_step(trainer)
     accumulate = _accumulator(trainer)
-    fp8_reduced = _fp8_data_parallel(trainer, accumulate) if trainer.fp8_allreduce else None
+    fp8_reduced = (
+        data_parallel_fp8(accumulate, trainer.mesh, trainer.state_shardings["params"])
+        if trainer.fp8_allreduce
+        else None
+    )
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state["params"]
@@ -239,68 +244,6 @@ def make_train_step(trainer: Trainer) -> Callable[[TrainState, Batch], tuple[Tra
     return _under_rules(trainer, jitted)
 
 
-def _fp8_data_parallel(trainer: Trainer, accumulate: Callable) -> Callable:
-    """`accumulate` run once per data-parallel replica, its gradients summed over `data` by
-    FP8-LM's all-reduce (`jaxllm.precision.fp8_comm`): ``(params, fp8_state, batch, μ) ->
-    (grads, sums, fp8_rec, layer_metrics, overflow fraction)``, the same as `accumulate`'s
-    outputs for the whole batch up to the FP8 rounding of the gradients.
-
-    A `shard_map` manual over `data` only: each replica differentiates the objective of its own
-    rows of the batch, with the other mesh axes (fsdp, tensor) left to GSPMD inside it, placed
-    by the logical-axis rules without `data`. Token sums are summed over the replicas, recorded
-    amaxes maxed, the layers' metrics averaged: a replica counts as a micro-batch does, so
-    batch-statistic auxiliary losses (MoE load balance) see a replica's rows, as they see a
-    micro-batch's. The gradients then go through a nested `shard_map` manual over every other
-    axis, in which each device reduces its own block of each gradient tensor.
-    """
-    mesh = trainer.mesh
-    specs = jax.tree.map(
-        lambda s: s.spec,
-        trainer.state_shardings["params"],
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
-    # the mesh axes that split each gradient tensor into the blocks the devices hold
-    block_axes = jax.tree.map(
-        lambda sp: tuple(a for d in sp for a in ((d,) if isinstance(d, str) else d or ())),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-    others = frozenset(mesh.axis_names) - {"data"}
-    rules = co2_lib.replica_rules(DEFAULT_RULES)
-
-    def reduce(grads, mu):
-        return fp8_psum(grads, mu, "data", block_axes)
-
-    def per_replica(params, fp8_state, batch, mu):
-        abstract = jax.sharding.get_abstract_mesh()  # `data` manual here
-        with use_rules(abstract, rules):
-            grads, sums, fp8_rec, layer_metrics = accumulate(params, fp8_state, batch)
-        grads, overflow = jax.shard_map(
-            reduce,
-            mesh=abstract,
-            in_specs=(specs, PartitionSpec()),
-            out_specs=(specs, PartitionSpec()),
-            axis_names=others,
-            check_vma=False,
-        )(grads, mu)
-        sums = jax.lax.psum(sums, "data")
-        fp8_rec = jax.lax.pmax(fp8_rec, "data")
-        layer_metrics = jax.lax.pmean(layer_metrics, "data")
-        return grads, sums, fp8_rec, layer_metrics, overflow
-
-    # check_vma=False: the gradients are taken per replica (no implicit psum for the replicated
-    # params), and fp8_psum's all-gather leaves its (identical) result typed as varying
-    replicated, rows = PartitionSpec(), PartitionSpec("data")
-    return jax.shard_map(
-        per_replica,
-        mesh=mesh,
-        in_specs=(replicated, replicated, rows, replicated),
-        out_specs=replicated,
-        axis_names={"data"},
-        check_vma=False,
-    )
-
-
 def _make_co2_step(trainer: Trainer):
     """`step(state, batches [τ, B, T]) -> (state, metrics)`: one CO2 round (optim/co2.py).
 
@@ -345,7 +288,7 @@ def _make_co2_step(trainer: Trainer):
         out_shardings=(trainer.state_shardings, replicated),
         donate_argnums=0,
     )
-    return _under_rules(trainer, jitted, co2_lib.replica_rules(DEFAULT_RULES))
+    return _under_rules(trainer, jitted, replica_rules(DEFAULT_RULES))
 
 
 def make_eval_step(trainer: Trainer) -> Callable[[dict, Batch], dict]:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxllm import models
 from jaxllm.interop import hf, hf_config, safetensors
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ("llama_bf16", "qwen2_tied", "mixtral_bf16", "qwen2_moe_bf16")

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 from jaxllm import compile as aot
 from jaxllm import config
 from jaxllm.ops.lightning_attention import lightning_attention as op_lightning_attention
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from kernels_pallas.lightning_attention import lightning_attention, tpu
 
 pytestmark = [

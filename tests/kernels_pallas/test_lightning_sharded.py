@@ -17,8 +17,8 @@ from jaxllm.ops.lightning_attention_packed import (
     lightning_attention_packed,
     lightning_attention_packed_reference,
 )
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from tests.helpers import assert_close
 from tests.kernels_pallas.test_lightning_kernel import F32_RATIO, _inputs, _log_decay, _segments
 

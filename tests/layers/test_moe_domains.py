@@ -11,7 +11,7 @@ from flax import nnx
 from jaxllm.config import ConfigError
 from jaxllm.data import Pipeline
 from jaxllm.layers.moe import MoE, MoEConfig
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import _forward_loss, _under_rules
 from tests.helpers import tiny

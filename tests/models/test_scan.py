@@ -12,8 +12,8 @@ from jaxllm.data import Pipeline
 from jaxllm.models.scan import ScanPlan, plan_layers, stack_params, unstack_params
 from jaxllm.optim import came
 from jaxllm.optim.stacked import per_layer
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import spec_for
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import spec_for
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import make_train_step
 from tests.helpers import tiny

@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import compile as aot
 from jaxllm.ops.attention import attention, attention_blocked, attention_reference
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from jaxllm.parallel.sequence import attention_sp
 from tests.helpers import assert_close, tiny
 

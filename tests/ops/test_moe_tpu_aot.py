@@ -19,7 +19,7 @@ from jaxllm import compile as aot
 from jaxllm.ops import moe as M
 from jaxllm.ops.moe_routing import Routing
 from jaxllm.parallel import expert as ep
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.rules import use_rules
 from jaxllm.precision.grouped_matmul import grouped_matmul
 
 pytestmark = [

@@ -8,7 +8,7 @@ import pytest
 
 from jaxllm.config import ConfigError
 from jaxllm.optim import co2
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.loop import train
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import make_train_step

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec
 
 from jaxllm.optim import build_optimizer, optimizer, resolved
 from jaxllm.optim.came import CameState
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.loop import train
 from jaxllm.training.state import Trainer
 from tests.helpers import tiny

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from jaxllm.parallel import distributed
+from jaxllm.parallel.core import distributed
 
 ARGS = [
     "default", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

@@ -11,8 +11,8 @@ from flax import nnx
 from jaxllm.data import Pipeline
 from jaxllm.layers.moe import MoE, MoEConfig
 from jaxllm.parallel import expert as ep
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from tests.helpers import tiny
 
 # float32; the exchange only moves rows, the grouped matmuls see the same rows in another order

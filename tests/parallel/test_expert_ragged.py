@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxllm.layers.moe import MoE, MoEConfig
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.rules import use_rules
 from tests.parallel.test_expert import _close, _mesh, _run
 
 

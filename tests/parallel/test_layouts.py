@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxllm.data import Pipeline
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import spec_for
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import spec_for
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import _forward_loss, _under_rules
 from tests.helpers import tiny

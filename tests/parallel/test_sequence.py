@@ -14,7 +14,7 @@ from jaxllm.ops.attention import attention_reference
 from jaxllm.ops.gated_linear_attention import gated_linear_attention_reference
 from jaxllm.ops.lightning_attention import lightning_attention_reference
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed_reference
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.parallel.sequence import (
     attention_sp,
     gated_linear_attention_sp,

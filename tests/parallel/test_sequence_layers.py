@@ -18,8 +18,8 @@ from flax import nnx
 
 from jaxllm.layers.hgrn2 import HGRN2, HGRN2Config
 from jaxllm.layers.lightning import CosFormer2, CosFormer2Config
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from jaxllm.parallel.sequence import use_impl
 
 B, T, D = 4, 32, 32

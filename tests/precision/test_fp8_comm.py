@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.precision.fp8_comm import FP8AllReduceState, fp8_allreduce, fp8_psum, update_mu
+from jaxllm.parallel.fp8_allreduce import FP8AllReduceState, fp8_allreduce, fp8_psum, update_mu
 
 N = 8
 

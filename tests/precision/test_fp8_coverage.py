@@ -237,7 +237,7 @@ def test_layer_runs_in_fp8_and_exmy(name):
 def test_moe_delayed_state_through_the_train_step():
     """A tiny MoE model trained two steps with delayed FP8: the experts' entries carry [L, E]
     histories and [E] scales, updated by the step from each expert's own amax."""
-    from jaxllm.parallel.mesh import make_mesh
+    from jaxllm.parallel.core.mesh import make_mesh
     from jaxllm.training.state import Trainer
     from jaxllm.training.step import make_train_step
     from tests.helpers import tiny

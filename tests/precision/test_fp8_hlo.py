@@ -15,7 +15,7 @@ import pytest
 
 from jaxllm import compile as aot
 from jaxllm import config
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import make_train_step
 from tests.helpers import tiny

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from jaxllm.precision import fp8 as fp8_lib
 from jaxllm.precision import fp8_gemm
 from tests.precision.test_fp8_training import _run

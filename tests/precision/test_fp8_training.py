@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import make_train_step

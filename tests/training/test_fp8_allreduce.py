@@ -15,10 +15,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxllm import compile as aot
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
+from jaxllm.parallel.fp8_allreduce import (
+    GROWTH_STEPS,
+    MU_HIGH,
+    MU_LOW,
+    OVERFLOW_THRESHOLD,
+    data_parallel_fp8,
+)
 from jaxllm.parallel.sequence import use_impl
-from jaxllm.precision.fp8_comm import GROWTH_STEPS, MU_HIGH, MU_LOW, OVERFLOW_THRESHOLD
 from jaxllm.training import step as step_lib
 from jaxllm.training.loop import train
 from jaxllm.training.state import Model, Trainer, uses_fp8_allreduce
@@ -70,7 +76,8 @@ def _check_reduced_gradient(trainer, mus=(1.0,)):
     the bound above; the token sums equal. Returns the traced program's jaxpr."""
     n = trainer.mesh.shape["data"]
     accumulate = step_lib._accumulator(trainer)
-    reduced = jax.jit(step_lib._fp8_data_parallel(trainer, accumulate))
+    params_sharding = trainer.state_shardings["params"]
+    reduced = jax.jit(data_parallel_fp8(accumulate, trainer.mesh, params_sharding))
     state = trainer.init_state(0)
     params, fp8_state = state["params"], state.get("fp8_state")
     batch = next(_batches(1, b=trainer.cfg.data.batch_size, vocab=260, seed=3))

@@ -47,7 +47,7 @@ def test_optimizer_offload_trains_identically(tmp_path):
 
 
 def test_optimizer_offload_rejects_co2():
-    from jaxllm.parallel.mesh import make_mesh
+    from jaxllm.parallel.core.mesh import make_mesh
     from jaxllm.training.state import Trainer
 
     cfg = tiny(

@@ -16,8 +16,8 @@ import pytest
 
 from jaxllm import choices
 from jaxllm.config import ConfigError
-from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import use_rules
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from jaxllm.training.state import Trainer, delayed_fp8_state
 from jaxllm.training.step import make_train_step
 from tests.helpers import tiny

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.training.state import Trainer
 from jaxllm.training.step import make_train_step
 from tests.helpers import tiny

@@ -16,12 +16,13 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from jaxllm.parallel.core.axes import BATCH_AXES, DATA, EMBED_AXES, dividing_axes
+
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: Rules = (
     # activations
-    # the expert axis also splits the batch outside the experts (as in MaxText)
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", BATCH_AXES),
     ("length", "sequence"),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -33,7 +34,7 @@ DEFAULT_RULES: Rules = (
     # weights that have no experts dim (attention, shared experts, embeddings) and their Adam
     # moments would be replicated over it (20 of Hunyuan-Large's 37 GiB of state per chip on
     # v5p-512). Expert weights keep their width on fsdp: their experts dim takes the axis.
-    ("embed", ("fsdp", "expert")),
+    ("embed", EMBED_AXES),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -97,6 +98,17 @@ def avoid_split_gathers() -> bool:
     return sum(context.shape[a] > 1 for a in free) > 1
 
 
+def replica_rules(rules: Rules) -> Rules:
+    """The rules inside one data-parallel replica: every mapping to `data` dropped (a
+    `shard_map` manual over it, or a vmap with ``spmd_axis_name="data"``, owns that axis)."""
+    out = []
+    for name, target in rules:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(a for a in axes if a != DATA)
+        out.append((name, None if not kept else kept[0] if len(kept) == 1 else kept))
+    return tuple(out)
+
+
 def spec_for(
     names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
 ) -> PartitionSpec:
@@ -107,16 +119,9 @@ def spec_for(
     for name, dim in zip(names, shape, strict=True):
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = []
-        size = 1
-        for ax in axes:
-            n = mesh.shape.get(ax, 1)
-            if n == 1 or ax in used or dim % (size * n):
-                continue
-            kept.append(ax)
-            size *= n
+        kept = dividing_axes(mesh, [a for a in axes if a not in used], dim) or ()
         used.update(kept)
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return PartitionSpec(*out)
 
 

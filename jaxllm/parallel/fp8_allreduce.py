@@ -29,17 +29,26 @@ On the wire, per gradient element and device (ring accounting, N replicas): 2(N-
 (the FP8 all-to-all and all-gather), against 8(N-1)/N for a float32 all-reduce; per tensor 4
 more for its amax (one float32 `pmax` of all of them) and 4 for its overflow count (int32
 `psum`s).
+
+In the train step (`data_parallel_fp8`) the reduction runs in a `shard_map` manual over
+`data`: each replica differentiates its own rows, then its gradients go through a nested map
+manual over every other axis, in which each device reduces its own block of each tensor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxllm.parallel.core.axes import DATA
+from jaxllm.parallel.core.per_device import per_device
+from jaxllm.parallel.core.rules import DEFAULT_RULES, replica_rules, use_rules
 from jaxllm.precision.fp8 import E4M3, fp8_max, scale_from_amax, to_fp8
 
 OVERFLOW_THRESHOLD = 1e-5  # 0.001% of the values
@@ -126,3 +135,58 @@ def fp8_allreduce(axis_name: str = "data") -> optax.GradientTransformation:
         return summed, FP8AllReduceState(update_mu(state.mu, overflow), overflow)
 
     return optax.GradientTransformation(init, update)
+
+
+def data_parallel_fp8(accumulate: Callable, mesh, param_shardings: Any) -> Callable:
+    """`accumulate` run once per data-parallel replica, its gradients summed over `data` by
+    `fp8_psum`: ``(params, fp8_state, batch, μ) -> (grads, sums, fp8_rec, layer_metrics,
+    overflow fraction)``, the same as `accumulate`'s outputs for the whole batch up to the FP8
+    rounding of the gradients. `accumulate(params, fp8_state, batch) -> (grads, sums, fp8_rec,
+    layer_metrics)` is the train step's; `param_shardings` are the params' NamedShardings.
+
+    A `shard_map` manual over `data` only: each replica differentiates the objective of its own
+    rows of the batch, with the other mesh axes (fsdp, tensor) left to GSPMD inside it, placed
+    by the logical-axis rules without `data`. Token sums are summed over the replicas, recorded
+    amaxes maxed, the layers' metrics averaged: a replica counts as a micro-batch does, so
+    batch-statistic auxiliary losses (MoE load balance) see a replica's rows, as they see a
+    micro-batch's. The gradients then go through a nested `shard_map` manual over every other
+    axis, in which each device reduces its own block of each gradient tensor.
+    """
+    specs = jax.tree.map(
+        lambda s: s.spec, param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+    )
+    # the mesh axes that split each gradient tensor into the blocks the devices hold
+    block_axes = jax.tree.map(
+        lambda sp: tuple(a for d in sp for a in ((d,) if isinstance(d, str) else d or ())),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    rules = replica_rules(DEFAULT_RULES)
+
+    def reduce(grads, mu):
+        return fp8_psum(grads, mu, DATA, block_axes)
+
+    def per_replica(params, fp8_state, batch, mu):
+        abstract = jax.sharding.get_abstract_mesh()  # `data` manual here
+        with use_rules(abstract, rules):
+            grads, sums, fp8_rec, layer_metrics = accumulate(params, fp8_state, batch)
+        # manual over every axis but `data` (the ones this map left automatic)
+        blocks = per_device(abstract)
+        grads, overflow = blocks(
+            reduce, in_specs=(specs, PartitionSpec()), out_specs=(specs, PartitionSpec())
+        )(grads, mu)
+        sums = jax.lax.psum(sums, DATA)
+        fp8_rec = jax.lax.pmax(fp8_rec, DATA)
+        layer_metrics = jax.lax.pmean(layer_metrics, DATA)
+        return grads, sums, fp8_rec, layer_metrics, overflow
+
+    # check_vma=False (`per_device`): the gradients are taken per replica (no implicit psum
+    # for the replicated params), and fp8_psum's all-gather leaves its (identical) result typed
+    # as varying
+    replicated, rows = PartitionSpec(), PartitionSpec(DATA)
+    return per_device(mesh)(
+        per_replica,
+        in_specs=(replicated, replicated, rows, replicated),
+        out_specs=replicated,
+        manual={DATA},
+    )
