@@ -232,7 +232,7 @@ class LinearOpCases:
     # One method, run by every subclass: hypothesis sees one test called from several classes
     # (differing executors), harmless here since derandomize replays nothing from a database.
     @hypothesis.settings(
-        max_examples=4,
+        max_examples=3,
         deadline=None,
         derandomize=True,
         suppress_health_check=[hypothesis.HealthCheck.differing_executors],
