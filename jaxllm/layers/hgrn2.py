@@ -31,50 +31,15 @@ from pydantic import Field
 
 from jaxllm.layers.base import ATTN_OUT, LayerConfig, cast, dense, param, tag
 from jaxllm.layers.lightning import linear_attention_flops
+from jaxllm.layers.linear_paths import linear_mix
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.registry import register_mixer
 from jaxllm.ops.gated_linear_attention import DEFAULT_CHUNK_SIZE as GLA_CHUNK_SIZE
-from jaxllm.ops.gated_linear_attention import gated_linear_attention, gated_linear_attention_step
-from jaxllm.parallel import sequence
 from jaxllm.parallel.core.rules import constrain
 
 Cache = dict[str, jax.Array]
 _ACT = ("batch", "length", "act_heads", None)
 CARRY_KEY = "hgrn2_log1m_lower_bound"
-
-
-def gated_attend(
-    q_BTHK, k_BTHK, v_BTHV, log_gate_BTHK, *, segment_ids_BT, cache, chunk_size, impl
-) -> tuple[jax.Array, Cache | None]:
-    """S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t, continuing `cache` if given.
-
-    Packed rows (segment_ids_BT [B, T]): the state is reset exactly where the id changes; a
-    cache's state continues the first document (so one decoded token never resets). On a
-    mesh with a `sequence` axis (training, no cache) this runs as LASP-2 / LASP-1
-    (`jaxllm.parallel.sequence`).
-    """
-    t = q_BTHK.shape[1]
-    if cache is None and (sp := sequence.active("linear")) is not None:
-        # a mesh with a `sequence` axis: LASP-2 / LASP-1 (jaxllm.parallel.sequence)
-        o_BTHV = sequence.gated_linear_attention_sp(
-            q_BTHK, k_BTHK, v_BTHV, log_gate_BTHK, mesh=sp[0], impl=sp[1],
-            chunk_size=chunk_size, segment_ids_BT=segment_ids_BT,
-        )  # fmt: skip
-        return o_BTHV, None
-    state = None if cache is None else cache["state"]
-    if cache is not None and t == 1:
-        o_BHV, state = gated_linear_attention_step(
-            q_BTHK[:, 0], k_BTHK[:, 0], v_BTHV[:, 0], log_gate_BTHK[:, 0], state
-        )
-        o_BTHV = o_BHV[:, None]
-    else:
-        o_BTHV, state = gated_linear_attention(
-            q_BTHK, k_BTHK, v_BTHV, log_gate_BTHK, segment_ids_BT=segment_ids_BT,
-            initial_state=state, return_final_state=True, chunk_size=chunk_size, impl=impl,
-        )  # fmt: skip
-    if cache is None:
-        return o_BTHV, None
-    return o_BTHV, {"state": state, "end": cache["end"] + t}
 
 
 class HGRN2Config(LayerConfig):
@@ -172,8 +137,8 @@ class HGRN2(nnx.Module):
         q_BTHK = tag(constrain(q_BTHK, _ACT), "q")
         k_BTHK = tag(constrain(k_BTHK.astype(dt), _ACT), "k")
         i_BTHV = tag(constrain(i_BTHV, _ACT), "v")
-        o_BTHV, cache = gated_attend(
-            q_BTHK, k_BTHK, i_BTHV, log_f_BTHK, segment_ids_BT=segment_ids_BT, cache=cache,
+        o_BTHV, cache = linear_mix(
+            "gla", q_BTHK, k_BTHK, i_BTHV, log_f_BTHK, segment_ids_BT=segment_ids_BT, cache=cache,
             chunk_size=c.chunk_size, impl=c.impl,
         )  # fmt: skip
         b, t = o_BTHV.shape[:2]

@@ -29,8 +29,8 @@ from flax import nnx
 from pydantic import Field, model_validator
 
 from jaxllm.layers.base import ATTN_OUT, LayerConfig, cast, dense, param, tag
-from jaxllm.layers.hgrn2 import gated_attend
-from jaxllm.layers.lightning import linear_attend, linear_attention_flops, tnl_log_decay
+from jaxllm.layers.lightning import linear_attention_flops, tnl_log_decay
+from jaxllm.layers.linear_paths import linear_mix
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.registry import register_mixer
 from jaxllm.parallel.core.rules import constrain
@@ -145,10 +145,10 @@ class LCSM(nnx.Module):
         e_BTHK = tag(constrain(e_BTHK.astype(dt), _ACT), "k")
         kw = dict(segment_ids_BT=segment_ids_BT, cache=cache, chunk_size=c.chunk_size, impl=c.impl)
         if c.oscillation == "data":
-            y_BTHV, cache = gated_attend(s_BTHK, e_BTHK, i_BTHV, log_o_BTHK, **kw)
+            y_BTHV, cache = linear_mix("gla", s_BTHK, e_BTHK, i_BTHV, log_o_BTHK, **kw)
         else:
             log_decay = -jax.nn.softplus(self.decay_rho[...]) if c.oscillation == "static" else None
-            y_BTHV, cache = linear_attend(s_BTHK, e_BTHK, i_BTHV, log_decay, **kw)
+            y_BTHV, cache = linear_mix("lightning", s_BTHK, e_BTHK, i_BTHV, log_decay, **kw)
         scale_HV = self.norm_scale[...].reshape(c.n_heads, c.head_dim)
         y_BTHV = rms_norm(y_BTHV, scale_HV, c.norm_eps).astype(dt)
         y_BTHV = tag(constrain(y_BTHV, _ACT), ATTN_OUT)

@@ -18,16 +18,12 @@ from flax import nnx
 from pydantic import Field
 
 from jaxllm.layers.base import ATTN_OUT, LayerConfig, cast, dense, param, tag
+from jaxllm.layers.linear_paths import linear_mix
 from jaxllm.layers.lrpe import lrpe, lrpe_theta
 from jaxllm.layers.norms import rms_norm
 from jaxllm.layers.registry import register_mixer
 from jaxllm.layers.srms import srms_norm
-from jaxllm.ops.lightning_attention import lightning_attention, lightning_attention_step
-from jaxllm.ops.lightning_attention_packed import (
-    DEFAULT_CHUNK_SIZE,
-    lightning_attention_packed,
-)
-from jaxllm.parallel import sequence
+from jaxllm.ops.lightning_attention_packed import DEFAULT_CHUNK_SIZE
 from jaxllm.parallel.core.rules import constrain
 
 Cache = dict[str, jax.Array]
@@ -67,51 +63,6 @@ def tnl_log_decay(
         h = jnp.arange(n_heads, dtype=jnp.float32)
         return -(8.0 / n_heads) * h * (1.0 - layer_index / n_layers)
     raise ValueError(f"unknown decay {kind!r}")
-
-
-def linear_attend(
-    q_BTHK: jax.Array,
-    k_BTHK: jax.Array,
-    v_BTHV: jax.Array,
-    log_decay_H: jax.Array | None,
-    *,
-    segment_ids_BT: jax.Array | None,
-    cache: Cache | None,
-    chunk_size: int | None,
-    impl: str,
-) -> tuple[jax.Array, Cache | None]:
-    """S_t = λ S_{t−1} + k_tᵀ v_t, o_t = q_t S_t over the T tokens, continuing `cache` if given.
-
-    Training (no cache): lightning attention, or its packed form when `segment_ids_BT` is
-    given. With a cache: its state is the initial state and the final state is returned;
-    one new token takes the single decode step.
-    """
-    t = q_BTHK.shape[1]
-    state = None if cache is None else cache["state"]
-    if cache is None and (sp := sequence.active("linear")) is not None:
-        # a mesh with a `sequence` axis: LASP-2 / LASP-1 (jaxllm.parallel.sequence)
-        o_BTHV = sequence.lightning_attention_sp(
-            q_BTHK, k_BTHK, v_BTHV, log_decay_H, mesh=sp[0], impl=sp[1],
-            chunk_size=chunk_size, segment_ids_BT=segment_ids_BT,
-        )  # fmt: skip
-    elif cache is not None and t == 1 and segment_ids_BT is None:
-        o_BHV, state = lightning_attention_step(
-            q_BTHK[:, 0], k_BTHK[:, 0], v_BTHV[:, 0], state, log_decay_H
-        )
-        o_BTHV = o_BHV[:, None]
-    elif segment_ids_BT is not None:
-        o_BTHV, state = lightning_attention_packed(
-            q_BTHK, k_BTHK, v_BTHV, log_decay_H, segment_ids_BT, initial_state=state,
-            return_final_state=True, chunk_size=chunk_size, impl=impl,
-        )  # fmt: skip
-    else:
-        o_BTHV, state = lightning_attention(
-            q_BTHK, k_BTHK, v_BTHV, log_decay_H, initial_state=state,
-            return_final_state=True, chunk_size=chunk_size, impl=impl,
-        )  # fmt: skip
-    if cache is None:
-        return o_BTHV, None
-    return o_BTHV, {"state": state, "end": cache["end"] + t}
 
 
 def linear_attention_flops(h: int, k: int, v: int, chunk: int, seq_len: int) -> float:
@@ -233,9 +184,9 @@ class Lightning(nnx.Module):
         q_BTHK = tag(constrain(q_BTHK, _ACT), "q")
         k_BTHK = tag(constrain(k_BTHK, _ACT), "k")
         v_BTHK = tag(constrain(v_BTHK, _ACT), "v")
-        o_BTHK, cache = linear_attend(
-            q_BTHK, k_BTHK, v_BTHK, self.log_decay(layer), segment_ids_BT=segment_ids_BT,
-            cache=cache, chunk_size=c.chunk_size, impl=c.impl,
+        o_BTHK, cache = linear_mix(
+            "lightning", q_BTHK, k_BTHK, v_BTHK, self.log_decay(layer),
+            segment_ids_BT=segment_ids_BT, cache=cache, chunk_size=c.chunk_size, impl=c.impl,
         )  # fmt: skip
         b, t, h, k = o_BTHK.shape
         # SRMSNorm over the whole width (h·k), as TNL normalises after merging the heads.
@@ -309,8 +260,8 @@ class CosFormer2(nnx.Module):
         theta_HR = self.theta[...].reshape(c.n_heads, self.n_rot)
         q_BTHK = tag(constrain(lrpe(q_BTHK, positions_BT, theta_HR), _ACT), "q")
         k_BTHK = tag(constrain(lrpe(k_BTHK, positions_BT, theta_HR), _ACT), "k")
-        o_BTHK, cache = linear_attend(
-            q_BTHK, k_BTHK, v_BTHK, None, segment_ids_BT=segment_ids_BT, cache=cache,
+        o_BTHK, cache = linear_mix(
+            "lightning", q_BTHK, k_BTHK, v_BTHK, None, segment_ids_BT=segment_ids_BT, cache=cache,
             chunk_size=c.chunk_size, impl=c.impl,
         )  # fmt: skip
         gate_BTR = dense(x_BTD, cast(self.w_gate_down, dt), "BTD,DR->BTR", name="gate_down")

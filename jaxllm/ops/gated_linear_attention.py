@@ -26,10 +26,19 @@ finite, so there is no ∞ − ∞ and the gate of a document's first token gets
 initial state continues the row's first document (a decode prefix continues its document).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxllm.ops.linear_chunks import (
+    check_values_and_state,
+    chunk_tokens,
+    document_starts,
+    finish,
+    initial_state_BHKV,
+    inter_chunk,
+    scan_segments,
+)
 
 IMPLS = ("reference", "xla", "auto")
 DEFAULT_CHUNK_SIZE = 64
@@ -43,40 +52,17 @@ SUB_CHUNK_SIZE = 16
 SEGMENT_TOKENS = 1024
 
 
-def document_starts(segment_ids_BT):
-    """[B, T] ids → [B, T] bool: token t starts a new document (t > 0 and the id changes)."""
-    return jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
-
-
 def _check_shapes(q, k, v, log_gate, initial_state, segment_ids_BT=None):
     if q.ndim != 4 or q.shape != k.shape or q.shape != log_gate.shape:
         raise ValueError(
             "q, k and log_gate must all be [B, T, H, K], got "
             f"{q.shape}, {k.shape} and {log_gate.shape}"
         )
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v.shape}")
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(
-            f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got {initial_state.shape}"
-        )
+    check_values_and_state(q, v, initial_state)
     if segment_ids_BT is not None and segment_ids_BT.shape != q.shape[:2]:
         raise ValueError(
             f"segment_ids_BT must be [B, T] = {q.shape[:2]}, got {segment_ids_BT.shape}"
         )
-
-
-def _state_BHKV(initial_state, B, H, K, V):
-    if initial_state is None:
-        return jnp.zeros((B, H, K, V), jnp.float32)
-    return initial_state.astype(jnp.float32)
-
-
-def _finish(o_BTHV, dtype, state_BHKV, return_final_state):
-    o_BTHV = o_BTHV.astype(dtype)
-    return (o_BTHV, state_BHKV) if return_final_state else o_BTHV
 
 
 def gated_linear_attention_step(q_t, k_t, v_t, g_t, state):
@@ -119,8 +105,10 @@ def gated_linear_attention_reference(
         start_TB = jnp.zeros((T, B), bool)
     else:
         start_TB = document_starts(segment_ids_BT).T
-    state_BHKV, o_TBHV = lax.scan(step, _state_BHKV(initial_state, B, H, K, V), (*qkvg_T, start_TB))
-    return _finish(jnp.moveaxis(o_TBHV, 0, 1), q.dtype, state_BHKV, return_final_state)
+    state_BHKV, o_TBHV = lax.scan(
+        step, initial_state_BHKV(initial_state, B, H, K, V), (*qkvg_T, start_TB)
+    )
+    return finish(jnp.moveaxis(o_TBHV, 0, 1), q.dtype, state_BHKV, return_final_state)
 
 
 def _sum_after(g, axis):
@@ -196,13 +184,6 @@ def _intra_chunk(q_XCHK, k_XCHK, v_XCHV, g_XCHK, c, doc_XC=None):
     return o_XICHV.reshape(*X, C, H, V)
 
 
-def _chunks(x, n_seg, G, C):
-    """[B, T, H, X] → [n_seg, B, G, C, H, X] float32, zero-padding the tail."""
-    B, T = x.shape[:2]
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n_seg * G * C - T), (0, 0), (0, 0)))
-    return jnp.moveaxis(x.reshape(B, n_seg, G, C, *x.shape[2:]), 1, 0)
-
-
 def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c, start_BNC=None):
     """N consecutive chunks from state S: returns (S after them, o [B, N, C, H, V]).
 
@@ -229,47 +210,26 @@ def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, g_BNCHK, c, start_BNC=None):
         q_in_BNCHK = jnp.where((doc_BNC == 0)[..., None, None], q_in_BNCHK, 0.0)
         a_BNHK = jnp.where((doc_BNC[:, :, -1] == 0)[..., None, None], a_BNHK, 0.0)
     M_BNHKV = jnp.einsum("BNCHK,BNCHV->BNHKV", k_out_BNCHK, v_BNCHV)
-
-    def carry(S_BHKV, a_M):
-        a_BHK, M_BHKV = a_M
-        return a_BHK[..., None] * S_BHKV + M_BHKV, S_BHKV
-
-    a_NBHK = jnp.moveaxis(a_BNHK, 1, 0)
-    S_BHKV, S_NBHKV = lax.scan(carry, S_BHKV, (a_NBHK, jnp.moveaxis(M_BNHKV, 1, 0)))
-    o_BNCHV += jnp.einsum("BNCHK,NBHKV->BNCHV", q_in_BNCHK, S_NBHKV)
-    return S_BHKV, o_BNCHV
+    a_NBHKV = jnp.moveaxis(a_BNHK, 1, 0)[..., None]
+    S_BHKV, o_in_BNCHV = inter_chunk(S_BHKV, a_NBHKV, M_BNHKV, q_in_BNCHK)
+    return S_BHKV, o_BNCHV + o_in_BNCHV
 
 
 def _chunked(q, k, v, g, S0_BHKV, C, c, start_BT=None):
     """Chunked GLA in XLA, float32. Returns (o [B, T, H, V], final state [B, H, K, V]).
 
-    Chunks of C tokens, grouped into segments of G chunks; a scan over segments carries the
-    state and `_segment` does G chunks at once. The tail is padded with zero q, k, v, zero
-    log gates (no decay) and no document start, so the final state is exact. With more than
-    one segment the scan body is rematerialized: the backward keeps only each segment's
-    inputs and incoming state, not its [c, c, K] gate products, so the memory stays linear
-    in T with a small constant. start_BT [B, T] bool: packed rows' document starts.
+    Chunks of C tokens, SEGMENT_TOKENS at a time (`linear_chunks.scan_segments`, whose remat
+    keeps only each segment's inputs and incoming state, not its [c, c, K] gate products).
+    The tail is padded with zero q, k, v, zero log gates (no decay) and no document start, so
+    the final state is exact. start_BT [B, T] bool: packed rows' document starts.
     """
-    B, T, H, _ = q.shape
-    V = v.shape[-1]
-    N = -(-T // C)
-    G = max(1, min(N, SEGMENT_TOKENS // C))
-    n_seg = -(-N // G)
 
-    def body(S_BHKV, xs):
+    def body(S_BHKV, xs, _L_G):
         return _segment(S_BHKV, *xs[:4], c, None if start_BT is None else xs[4][..., 0, 0])
 
-    xs = tuple(_chunks(x, n_seg, G, C) for x in (q, k, v, g))
-    if start_BT is not None:
-        xs += (_chunks(start_BT[:, :, None, None], n_seg, G, C),)
-    if n_seg == 1:
-        # One segment: remat would only recompute the forward without saving memory.
-        S_BHKV, o_BGCHV = body(S0_BHKV, jax.tree.map(lambda x: x[0], xs))
-        o_SBGCHV = o_BGCHV[None]
-    else:
-        S_BHKV, o_SBGCHV = lax.scan(jax.checkpoint(body), S0_BHKV, xs)
-    o_BTHV = jnp.moveaxis(o_SBGCHV, 0, 1).reshape(B, n_seg * G * C, H, V)
-    return o_BTHV[:, :T], S_BHKV
+    xs_BTHX = (q, k, v, g) if start_BT is None else (q, k, v, g, start_BT[:, :, None, None])
+    S_BHKV, o_BTHV = scan_segments(body, S0_BHKV, xs_BTHX, C, SEGMENT_TOKENS)
+    return o_BTHV, S_BHKV
 
 
 def gated_linear_attention(
@@ -319,14 +279,10 @@ def gated_linear_attention(
     _check_shapes(q, k, v, log_gate, initial_state, segment_ids_BT)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    if C < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    # A chunk longer than the sequence would only add padding.
-    C = max(1, min(C, T))
+    C = chunk_tokens(chunk_size, DEFAULT_CHUNK_SIZE, T)
     c = min(C, SUB_CHUNK_SIZE)
     C = -(-C // c) * c
     start_BT = None if segment_ids_BT is None else document_starts(segment_ids_BT)
-    S0_BHKV = _state_BHKV(initial_state, B, H, K, V)
+    S0_BHKV = initial_state_BHKV(initial_state, B, H, K, V)
     o_BTHV, state_BHKV = _chunked(q, k, v, log_gate, S0_BHKV, C, c, start_BT)
-    return _finish(o_BTHV, q.dtype, state_BHKV, return_final_state)
+    return finish(o_BTHV, q.dtype, state_BHKV, return_final_state)

@@ -28,13 +28,23 @@ k·λ^{−j}, which overflows for strong decay. The official TNL slopes give λ_
 fla's `chunk_lightning_attn` uses another per-layer schedule, so callers pass log_decay.
 """
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
+from jaxllm.ops.linear_chunks import (
+    causal_decay_HCS,
+    check_values_and_state,
+    chunk_tokens,
+    finish,
+    initial_state_BHKV,
+    inter_chunk,
+    key_decay_NCH,
+    query_decay_CH,
+    run_impl,
+    scan_segments,
+)
 from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
 from jaxllm.parallel.core.per_device import per_device
 
@@ -60,25 +70,7 @@ def _log_decay_H(log_decay, H):
 def _check_shapes(q, k, v, initial_state):
     if q.ndim != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be [B, T, H, K], got {q.shape} and {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v.shape}")
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(
-            f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got {initial_state.shape}"
-        )
-
-
-def _state_BHKV(initial_state, B, H, K, V):
-    if initial_state is None:
-        return jnp.zeros((B, H, K, V), jnp.float32)
-    return initial_state.astype(jnp.float32)
-
-
-def _finish(o_BTHV, dtype, state_BHKV, return_final_state):
-    o_BTHV = o_BTHV.astype(dtype)
-    return (o_BTHV, state_BHKV) if return_final_state else o_BTHV
+    check_values_and_state(q, v, initial_state)
 
 
 def lightning_attention_step(q_t, k_t, v_t, state, log_decay=None):
@@ -117,13 +109,13 @@ def lightning_attention_reference(
     mask_HTS = jnp.where(dist_TS >= 0, jnp.exp(g_H[:, None, None] * jnp.maximum(dist_TS, 0)), 0.0)
     scores_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q32, k32) * mask_HTS
     o_BTHV = jnp.einsum("BHTS,BSHV->BTHV", scores_BHTS, v32)
-    S0_BHKV = _state_BHKV(initial_state, B, H, K, V)
+    S0_BHKV = initial_state_BHKV(initial_state, B, H, K, V)
     q_decay_TH = jnp.exp(g_H[None, :] * (t[:, None] + 1))
     o_BTHV += jnp.einsum("BTHK,BHKV->BTHV", q32 * q_decay_TH[None, :, :, None], S0_BHKV)
     k_decay_TH = jnp.exp(g_H[None, :] * (T - 1 - t[:, None]))
     state_BHKV = jnp.exp(g_H * T)[None, :, None, None] * S0_BHKV
     state_BHKV += jnp.einsum("BTHK,BTHV->BHKV", k32 * k_decay_TH[None, :, :, None], v32)
-    return _finish(o_BTHV, q.dtype, state_BHKV, return_final_state)
+    return finish(o_BTHV, q.dtype, state_BHKV, return_final_state)
 
 
 def lightning_attention_recurrent(
@@ -143,15 +135,8 @@ def lightning_attention_recurrent(
         return state_BHKV, o_BHV
 
     qkv_T = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v))
-    state_BHKV, o_TBHV = lax.scan(step, _state_BHKV(initial_state, B, H, K, V), qkv_T)
-    return _finish(jnp.moveaxis(o_TBHV, 0, 1), q.dtype, state_BHKV, return_final_state)
-
-
-def _chunks(x, n_seg, G, C):
-    """[B, T, H, X] → [n_seg, B, G, C, H, X] float32, zero-padding the tail."""
-    B, T = x.shape[:2]
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n_seg * G * C - T), (0, 0), (0, 0)))
-    return jnp.moveaxis(x.reshape(B, n_seg, G, C, *x.shape[2:]), 1, 0)
+    state_BHKV, o_TBHV = lax.scan(step, initial_state_BHKV(initial_state, B, H, K, V), qkv_T)
+    return finish(jnp.moveaxis(o_TBHV, 0, 1), q.dtype, state_BHKV, return_final_state)
 
 
 def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, L_N, g_H):
@@ -165,56 +150,25 @@ def _segment(S_BHKV, q_BNCHK, k_BNCHK, v_BNCHV, L_N, g_H):
     S_{n+1} = a_n S_n + M_n is sequential, a scan of N small steps.
     """
     C = q_BNCHK.shape[2]
-    j = np.arange(C)
-    dist_CS = j[:, None] - j[None, :]
-    decay_HCS = jnp.where(dist_CS >= 0, jnp.exp(g_H[:, None, None] * np.maximum(dist_CS, 0)), 0.0)
-    scores_BNHCS = jnp.einsum("BNCHK,BNSHK->BNHCS", q_BNCHK, k_BNCHK) * decay_HCS
+    scores_BNHCS = jnp.einsum("BNCHK,BNSHK->BNHCS", q_BNCHK, k_BNCHK) * causal_decay_HCS(g_H, C)
     o_BNCHV = jnp.einsum("BNHCS,BNSHV->BNCHV", scores_BNHCS, v_BNCHV)
-
-    # Padded keys are zero, so clamping their (negative) exponents to 0 changes nothing.
-    k_power_NC = jnp.maximum(L_N[:, None] - 1 - j[None, :], 0)
-    k_decay_NCH = jnp.exp(g_H * k_power_NC[..., None])
-    M_BNHKV = jnp.einsum("BNCHK,BNCHV->BNHKV", k_BNCHK * k_decay_NCH[..., None], v_BNCHV)
-    a_NH = jnp.exp(g_H * L_N[:, None])
-
-    def carry(S_BHKV, a_M):
-        a_H, M_BHKV = a_M
-        return a_H[None, :, None, None] * S_BHKV + M_BHKV, S_BHKV
-
-    S_BHKV, S_NBHKV = lax.scan(carry, S_BHKV, (a_NH, jnp.moveaxis(M_BNHKV, 1, 0)))
-    q_decay_CH = jnp.exp(g_H * (j[:, None] + 1))
-    o_BNCHV += jnp.einsum("BNCHK,NBHKV->BNCHV", q_BNCHK * q_decay_CH[..., None], S_NBHKV)
-    return S_BHKV, o_BNCHV
+    k_out_BNCHK = k_BNCHK * key_decay_NCH(g_H, L_N, C)[..., None]
+    M_BNHKV = jnp.einsum("BNCHK,BNCHV->BNHKV", k_out_BNCHK, v_BNCHV)
+    a_NBHKV = jnp.exp(g_H * L_N[:, None])[:, None, :, None, None]
+    q_in_BNCHK = q_BNCHK * query_decay_CH(g_H, C)[..., None]
+    S_BHKV, o_in_BNCHV = inter_chunk(S_BHKV, a_NBHKV, M_BNHKV, q_in_BNCHK)
+    return S_BHKV, o_BNCHV + o_in_BNCHV
 
 
 def _chunked(q, k, v, g_H, S0_BHKV, C):
-    """Lightning Attention-2 in XLA, float32. Returns (o [B, T, H, V], final state).
+    """Lightning Attention-2 in XLA, float32. Returns (o [B, T, H, V], final state): chunks of
+    C tokens, SEGMENT_TOKENS at a time (`linear_chunks.scan_segments`)."""
 
-    The sequence is cut into chunks of C tokens and the chunks into segments of G chunks; a
-    scan over segments carries the state, and `_segment` does G chunks at once. With more
-    than one segment the scan body is rematerialized, so the backward keeps only each
-    segment's inputs and incoming state and the memory stays linear in T with a small
-    constant.
-    """
-    B, T, H, _ = q.shape
-    V = v.shape[-1]
-    N = -(-T // C)
-    G = max(1, min(N, SEGMENT_TOKENS // C))
-    n_seg = -(-N // G)
-    L_SG = np.clip(T - C * np.arange(n_seg * G), 0, C).reshape(n_seg, G)
+    def body(S_BHKV, xs, L_G):
+        return _segment(S_BHKV, *xs, L_G, g_H)
 
-    def body(S_BHKV, xs):
-        return _segment(S_BHKV, *xs, g_H)
-
-    xs = (_chunks(q, n_seg, G, C), _chunks(k, n_seg, G, C), _chunks(v, n_seg, G, C), L_SG)
-    if n_seg == 1:
-        # One segment: remat would only recompute the forward without saving memory.
-        S_BHKV, o_BGCHV = body(S0_BHKV, jax.tree.map(lambda x: x[0], xs))
-        o_SBGCHV = o_BGCHV[None]
-    else:
-        S_BHKV, o_SBGCHV = lax.scan(jax.checkpoint(body), S0_BHKV, xs)
-    o_BTHV = jnp.moveaxis(o_SBGCHV, 0, 1).reshape(B, n_seg * G * C, H, V)
-    return o_BTHV[:, :T], S_BHKV
+    S_BHKV, o_BTHV = scan_segments(body, S0_BHKV, (q, k, v), C, SEGMENT_TOKENS)
+    return o_BTHV, S_BHKV
 
 
 def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
@@ -281,11 +235,7 @@ def lightning_attention(
     _check_shapes(q, k, v, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    if C < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    # A chunk longer than the sequence would only add padding.
-    C = max(1, min(C, T))
+    C = chunk_tokens(chunk_size, DEFAULT_CHUNK_SIZE, T)
     g_H = _log_decay_H(log_decay, H)
 
     def xla(q, k, v, g_H, S0_BHKV):
@@ -300,13 +250,6 @@ def lightning_attention(
 
         return kernel_per_device(run, *args)
 
-    args = (q, k, v, g_H, _state_BHKV(initial_state, B, H, K, V))
-    if impl == "xla":
-        o_BTHV, state_BHKV = xla(*args)
-    elif impl == "pallas":
-        o_BTHV, state_BHKV = pallas(*args)
-    else:
-        # platform_dependent lowers only the branch of the platform being compiled for.
-        gpu = pallas if kernel.gpu_available() else xla
-        o_BTHV, state_BHKV = lax.platform_dependent(*args, tpu=pallas, cuda=gpu, default=xla)
-    return _finish(o_BTHV, q.dtype, state_BHKV, return_final_state)
+    args = (q, k, v, g_H, initial_state_BHKV(initial_state, B, H, K, V))
+    o_BTHV, state_BHKV = run_impl(impl, xla, pallas, args)
+    return finish(o_BTHV, q.dtype, state_BHKV, return_final_state)

@@ -30,28 +30,26 @@ from jax import lax
 
 import kernels_pallas.lightning_attention as kernel
 from jaxllm.ops.lightning_attention import kernel_per_device
+from jaxllm.ops.linear_chunks import (
+    causal_decay_HCS,
+    chunk_tokens,
+    document_runs,
+    finish,
+    initial_state_BHKV,
+    inter_chunk,
+    key_decay_NCH,
+    query_decay_CH,
+    run_impl,
+)
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64
-
-
-def document_runs(segment_ids_BT):
-    """[B, T] ids → [B, T] int32: how many document starts precede each token (0 at t = 0)."""
-    change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
-    zeros_B1 = jnp.zeros((segment_ids_BT.shape[0], 1), jnp.int32)
-    return jnp.concatenate([zeros_B1, jnp.cumsum(change_BT, axis=1, dtype=jnp.int32)], axis=1)
 
 
 def _log_decay_H(log_decay, H):
     if log_decay is None:
         return jnp.zeros((H,), jnp.float32)
     return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (H,))
-
-
-def _state(initial_state, B, H, K, V):
-    if initial_state is None:
-        return jnp.zeros((B, H, K, V), jnp.float32)
-    return initial_state.astype(jnp.float32)
 
 
 def lightning_attention_packed_reference(
@@ -75,9 +73,8 @@ def lightning_attention_packed_reference(
         return S_BHKV, jnp.einsum("BHK,BHKV->BHV", q_BHK, S_BHKV)
 
     xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, keep_BT))
-    S_BHKV, o_TBHV = lax.scan(step, _state(initial_state, B, H, K, V), xs)
-    o_BTHV = jnp.moveaxis(o_TBHV, 0, 1).astype(q.dtype)
-    return (o_BTHV, S_BHKV) if return_final_state else o_BTHV
+    S_BHKV, o_TBHV = lax.scan(step, initial_state_BHKV(initial_state, B, H, K, V), xs)
+    return finish(jnp.moveaxis(o_TBHV, 0, 1), q.dtype, S_BHKV, return_final_state)
 
 
 def _chunked(q, k, v, g_H, run_BT, S0_BHKV, C):
@@ -98,36 +95,23 @@ def _chunked(q, k, v, g_H, run_BT, S0_BHKV, C):
     last_BN = run_BNC[:, :, -1]
     L_N = np.clip(T - C * np.arange(N), 0, C)
 
-    j = np.arange(C)
-    dist_CS = j[:, None] - j[None, :]
-    decay_HCS = jnp.where(dist_CS >= 0, jnp.exp(g_H[:, None, None] * np.maximum(dist_CS, 0)), 0.0)
     same_BNCS = run_BNC[..., :, None] == run_BNC[..., None, :]
     scores_BNHCS = jnp.einsum("BNCHK,BNSHK->BNHCS", q_BNCHK, k_BNCHK)
-    scores_BNHCS = scores_BNHCS * decay_HCS * same_BNCS[:, :, None]
+    scores_BNHCS = scores_BNHCS * causal_decay_HCS(g_H, C) * same_BNCS[:, :, None]
     o_BNCHV = jnp.einsum("BNHCS,BNSHV->BNCHV", scores_BNHCS, v_BNCHV)
 
     # What chunk n adds to the state: keys of the chunk's last document, decayed to its end.
-    k_power_NC = np.maximum(L_N[:, None] - 1 - j[None, :], 0)
-    k_decay_NCH = jnp.exp(g_H * k_power_NC[..., None])
     k_keep_BNC = (run_BNC == last_BN[..., None]).astype(jnp.float32)
-    k_BNCHK = k_BNCHK * k_decay_NCH[None, ..., None] * k_keep_BNC[..., None, None]
+    k_BNCHK = k_BNCHK * key_decay_NCH(g_H, L_N, C)[None, ..., None] * k_keep_BNC[..., None, None]
     M_BNHKV = jnp.einsum("BNCHK,BNCHV->BNHKV", k_BNCHK, v_BNCHV)
     # The incoming state survives the chunk only if no document starts inside it.
     a_BNH = jnp.exp(g_H * L_N[:, None])[None] * (prev_BN == last_BN)[..., None]
-
-    def carry(S_BHKV, xs):
-        a_BH, M_BHKV = xs
-        return a_BH[..., None, None] * S_BHKV + M_BHKV, S_BHKV
-
-    S_BHKV, S_NBHKV = lax.scan(
-        carry, S0_BHKV, (jnp.moveaxis(a_BNH, 1, 0), jnp.moveaxis(M_BNHKV, 1, 0))
-    )
     # Only the tokens of the incoming state's document read it.
     q_keep_BNC = (run_BNC == prev_BN[..., None]).astype(jnp.float32)
-    q_decay_CH = jnp.exp(g_H * (j[:, None] + 1))
-    q_BNCHK = q_BNCHK * q_decay_CH[..., None] * q_keep_BNC[..., None, None]
-    o_BNCHV = o_BNCHV + jnp.einsum("BNCHK,NBHKV->BNCHV", q_BNCHK, S_NBHKV)
-    return o_BNCHV.reshape(B, N * C, H, V)[:, :T], S_BHKV
+    q_BNCHK = q_BNCHK * query_decay_CH(g_H, C)[..., None] * q_keep_BNC[..., None, None]
+    a_NBHKV = jnp.moveaxis(a_BNH, 1, 0)[..., None, None]
+    S_BHKV, o_in_BNCHV = inter_chunk(S0_BHKV, a_NBHKV, M_BNHKV, q_BNCHK)
+    return (o_BNCHV + o_in_BNCHV).reshape(B, N * C, H, V)[:, :T], S_BHKV
 
 
 def lightning_attention_packed(
@@ -168,7 +152,7 @@ def lightning_attention_packed(
             return_final_state=return_final_state,
         )  # fmt: skip
     B, T, H, K = q.shape
-    C = max(1, min(int(chunk_size or DEFAULT_CHUNK_SIZE), T))
+    C = chunk_tokens(chunk_size, DEFAULT_CHUNK_SIZE, T)
 
     def xla(q, k, v, g_H, S0_BHKV, segment_ids):
         o_BTHV, S_BHKV = _chunked(q, k, v, g_H, document_runs(segment_ids), S0_BHKV, C)
@@ -183,14 +167,7 @@ def lightning_attention_packed(
 
         return kernel_per_device(run, *args)
 
-    args = (q, k, v, _log_decay_H(log_decay, H), _state(initial_state, B, H, K, v.shape[-1]),
-            segment_ids)  # fmt: skip
-    if impl == "xla":
-        o_BTHV, S_BHKV = xla(*args)
-    elif impl == "pallas":
-        o_BTHV, S_BHKV = pallas(*args)
-    else:
-        # platform_dependent lowers only the branch of the platform being compiled for.
-        gpu = pallas if kernel.gpu_available() else xla
-        o_BTHV, S_BHKV = lax.platform_dependent(*args, tpu=pallas, cuda=gpu, default=xla)
-    return (o_BTHV, S_BHKV) if return_final_state else o_BTHV
+    S0_BHKV = initial_state_BHKV(initial_state, B, H, K, v.shape[-1])
+    args = (q, k, v, _log_decay_H(log_decay, H), S0_BHKV, segment_ids)
+    o_BTHV, S_BHKV = run_impl(impl, xla, pallas, args)
+    return finish(o_BTHV, q.dtype, S_BHKV, return_final_state)

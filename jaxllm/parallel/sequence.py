@@ -190,7 +190,7 @@ def _linear_sp(local_fn, q, k, v, decay, seg, *, mesh, impl, batch_axes, decay_s
 
 def lightning_attention_sp(
     q, k, v, log_decay=None, *, mesh: Mesh, impl: str = "lasp2", chunk_size=None,
-    segment_ids_BT=None, batch_axes: Sequence[str] = BATCH_AXES,
+    segment_ids_BT=None, batch_axes: Sequence[str] = BATCH_AXES, op_impl: str = "auto",
 ):  # fmt: skip
     """`jaxllm.ops.lightning_attention` with T split over the mesh axis `sequence`.
 
@@ -205,12 +205,12 @@ def lightning_attention_sp(
         if seg is None:
             o0, M = lightning_attention(
                 q, k, v, g_H, initial_state=_zero_state(q, v), return_final_state=True,
-                chunk_size=chunk_size,
+                chunk_size=chunk_size, impl=op_impl,
             )  # fmt: skip
         else:
             o0, M = lightning_attention_packed(
                 q, k, v, g_H, seg, initial_state=_zero_state(q, v), return_final_state=True,
-                chunk_size=chunk_size,
+                chunk_size=chunk_size, impl=op_impl,
             )  # fmt: skip
         Tl = q.shape[1]
         logA = jnp.broadcast_to((Tl * g_H)[None, :, None], (q.shape[0], g_H.shape[0], q.shape[3]))
@@ -226,7 +226,7 @@ def lightning_attention_sp(
 
 def gated_linear_attention_sp(
     q, k, v, log_gate, *, mesh: Mesh, impl: str = "lasp2", chunk_size=None,
-    segment_ids_BT=None, batch_axes: Sequence[str] = BATCH_AXES,
+    segment_ids_BT=None, batch_axes: Sequence[str] = BATCH_AXES, op_impl: str = "auto",
 ):  # fmt: skip
     """`jaxllm.ops.gated_linear_attention` with T split over the mesh axis `sequence`.
 
@@ -240,7 +240,7 @@ def gated_linear_attention_sp(
     def local(q, k, v, g, seg):
         o0, M = gated_linear_attention(
             q, k, v, g, segment_ids_BT=seg, initial_state=_zero_state(q, v),
-            return_final_state=True, chunk_size=chunk_size,
+            return_final_state=True, chunk_size=chunk_size, impl=op_impl,
         )  # fmt: skip
         logcum = jnp.cumsum(g.astype(jnp.float32), axis=1)
         return o0, M, logcum[:, -1], logcum

@@ -1,5 +1,6 @@
-"""TNL and cosFormer2 pieces: decay schedules, LRPE, SGLU, the packed lightning op, and the
-`lightning` / `cosformer2` layers against their equations written out by hand."""
+"""TNL and cosFormer2 pieces: decay schedules, LRPE, SGLU, and the `lightning` / `cosformer2`
+layers against their equations written out by hand (the packed lightning op:
+tests/ops/test_lightning_attention_packed.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +18,10 @@ from jaxllm.layers.lightning import (
     tnl_log_decay,
 )
 from jaxllm.layers.lrpe import lrpe, lrpe_theta
-from jaxllm.ops.lightning_attention import lightning_attention_reference
-from jaxllm.ops.lightning_attention_packed import (
-    lightning_attention_packed,
-    lightning_attention_packed_reference,
-)
 
 # float32 on CPU: chunked sums reorder additions of O(1) terms over ≤ 40 tokens.
 F32 = dict(atol=2e-5, rtol=2e-5)
-_packed = jax.jit(
-    lightning_attention_packed, static_argnames=("return_final_state", "chunk_size", "impl")
-)
 DIMS = dict(d_model=16, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=24, dtype="float32")
-
-
-def _rel_rms(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
 def test_official_decay_matches_tnl_slopes():
@@ -78,80 +66,6 @@ def test_sglu_is_a_glu_without_activation():
     x = jax.random.normal(jax.random.key(1), (2, 3, 16))
     want = ((x @ layer.w1[...]) * (x @ layer.w2[...])) @ layer.w3[...]
     np.testing.assert_allclose(layer(x), want, **F32)
-
-
-@pytest.fixture(scope="module")
-def packed_inputs():
-    B, T, H, K, V = 2, 37, 3, 8, 5
-    ks = jax.random.split(jax.random.key(0), 4)
-    q, k = (jax.random.normal(ks[i], (B, T, H, K)) * 0.5 for i in range(2))
-    v = jax.random.normal(ks[2], (B, T, H, V))
-    s0 = jax.random.normal(ks[3], (B, H, K, V))
-    # Row 0: three documents and padding (id 0) after them; row 1: one document.
-    seg = jnp.array([[1] * 10 + [2] * 3 + [3] * 17 + [0] * 7, [4] * 37])
-    return q, k, v, jnp.array([-0.05, -1.0, 0.0]), seg, s0
-
-
-@pytest.mark.parametrize("chunk", [1, 8, 64])
-def test_packed_chunked_equals_reference_forward_and_gradients(packed_inputs, chunk):
-    q, k, v, g, seg, s0 = packed_inputs
-
-    def loss(fn, q, k, v, g, s0):
-        o, s = fn(q, k, v, g, seg, initial_state=s0, return_final_state=True)
-        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * jnp.sin(s))
-
-    chunked = lambda *a, **kw: lightning_attention_packed(*a, chunk_size=chunk, **kw)
-    ref = lightning_attention_packed_reference
-    o1, s1 = jax.jit(chunked, static_argnames="return_final_state")(
-        q, k, v, g, seg, initial_state=s0, return_final_state=True
-    )
-    o2, s2 = ref(q, k, v, g, seg, initial_state=s0, return_final_state=True)
-    np.testing.assert_allclose(o1, o2, **F32)
-    np.testing.assert_allclose(s1, s2, **F32)
-    argnums = (0, 1, 2, 3, 4)
-    g1 = jax.jit(jax.grad(lambda *a: loss(chunked, *a), argnums))(q, k, v, g, s0)
-    g2 = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums))(q, k, v, g, s0)
-    for a, b in zip(g1, g2):
-        assert _rel_rms(a, b) < 1e-5
-
-
-def test_packed_documents_are_independent(packed_inputs):
-    q, k, v, g, seg, s0 = packed_inputs
-    o = _packed(q, k, v, g, seg, initial_state=s0, chunk_size=8)
-    # Row 1 is one document: plain lightning attention from s0.
-    whole = lightning_attention_reference(q, k, v, g, initial_state=s0)
-    np.testing.assert_allclose(o[1], whole[1], **F32)
-    # The first document continues s0; the later ones start from zero.
-    for lo, hi, s in ((0, 10, s0[:1]), (10, 13, None), (13, 30, None), (30, 37, None)):
-        alone = lightning_attention_reference(
-            q[:1, lo:hi], k[:1, lo:hi], v[:1, lo:hi], g, initial_state=s
-        )
-        np.testing.assert_allclose(o[0, lo:hi], alone[0], **F32)
-
-
-def test_packed_split_in_two_equals_whole(packed_inputs):
-    q, k, v, g, seg, s0 = packed_inputs
-    whole, s_end = _packed(q, k, v, g, seg, initial_state=s0, return_final_state=True, chunk_size=8)
-    # Cut inside the third document: the second half continues it from the carried state.
-    c = 20
-    a, s_mid = _packed(
-        q[:, :c], k[:, :c], v[:, :c], g, seg[:, :c], initial_state=s0, return_final_state=True
-    )
-    b, s_b = _packed(
-        q[:, c:], k[:, c:], v[:, c:], g, seg[:, c:], initial_state=s_mid, return_final_state=True
-    )
-    np.testing.assert_allclose(jnp.concatenate([a, b], axis=1), whole, **F32)
-    np.testing.assert_allclose(s_b, s_end, **F32)
-
-
-def test_packed_bfloat16_inputs_within_ratio(packed_inputs):
-    q, k, v, g, seg, s0 = packed_inputs
-    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    o = _packed(*bf, g, seg, initial_state=s0, chunk_size=16)
-    ref = lightning_attention_packed_reference(*bf, g, seg, initial_state=s0)
-    assert o.dtype == jnp.bfloat16
-    # Both read the same bf16 inputs and sum in float32; the bf16 output rounding dominates.
-    assert _rel_rms(o, ref.astype(jnp.float32)) < 5e-3
 
 
 def _silu(x):

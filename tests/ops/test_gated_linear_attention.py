@@ -1,19 +1,15 @@
-"""Gated linear attention: the chunked form and the decode step against the scan reference,
-and packed rows (segment ids) against their documents run alone.
-
-Tolerance policy (fla's `assert_close`): a result passes when max|Δ| ≤ 1e-6, or else when
-RMS(Δ)/RMS(ref) ≤ ratio. float32: ratio 1e-5 for outputs, states and every gradient.
-bfloat16 inputs: ratio 5e-3 (fla's) against the reference given the same bfloat16 inputs (both
-compute in float32 and round o to bfloat16). Never loosen these to make a test pass.
-Gate strength as in fla's tests: log_gate = logsigmoid(randn) / normalizer, normalizer 0.05
-(strong, down to about −60 per step), 1, or 10 (weak).
+"""Gated linear attention: the shared op suite (chunked against the scan reference, packed
+rows included, `tests/ops/linear_op_cases.py`), and what is this op's own: its definition,
+gates of −20 per step, packed rows against their documents run alone and a reset that leaks
+nothing, and argument checks. Tolerances as the suite's (fla's policy: float32 ratio 1e-5).
+Never loosen these to make a test pass. Gate strength as in fla's tests: log_gate =
+logsigmoid(randn) / normalizer, normalizer 0.05 (strong, down to about −60 per step), 1, or 10
+(weak).
 """
 
 import functools
 import importlib
 
-import hypothesis
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,84 +21,65 @@ from jaxllm.ops.gated_linear_attention import (
     gated_linear_attention_step,
 )
 from tests.helpers import assert_close
+from tests.ops.linear_op_cases import F32_RATIO, NAMES, LinearOpCases, outputs_and_grads
 
 # The module itself (the package's attribute of this name is the function).
 gla_module = importlib.import_module("jaxllm.ops.gated_linear_attention")
 
-F32_RATIO = 1e-5
-BF16_RATIO = 5e-3
-
-# Jitted once here: run eagerly, every primitive would compile on its own for each new shape.
 attention = jax.jit(
     gated_linear_attention, static_argnames=("return_final_state", "chunk_size", "impl")
 )
 reference = jax.jit(gated_linear_attention_reference, static_argnames=("return_final_state",))
 
 
+def _op(q, k, v, log_gate, *, segment_ids, **kw):
+    return gated_linear_attention(q, k, v, log_gate, segment_ids_BT=segment_ids, **kw)
+
+
+# Packed rows of 37 tokens. Row 0: a start at 8 (a chunk boundary for C = 8), 13 (inside a
+# chunk), 18 and 21 (two in one chunk), a one-token document at 28; ids may repeat after other
+# documents. Row 1: a one-token first document, then a start at 16 (a sub-chunk boundary for
+# C = 32) and 33 (inside the padded last chunk).
+PACKED_LENGTHS = ([8, 5, 5, 3, 7, 1, 8], [1, 15, 17, 4])
+
+
+def _packed_ids(lengths_per_row):
+    rows = [np.repeat(np.arange(len(ls)) % 3, ls) for ls in lengths_per_row]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+class TestGatedLinearAttention(LinearOpCases):
+    op = staticmethod(_op)
+    step = staticmethod(gated_linear_attention_step)
+    module = gla_module
+    packed = True
+    decay_per_token = True
+    # (B, T, H, K, V, chunk_size, segment_tokens, gate normalizer): T not a multiple of the
+    # chunk, several sub-chunks (C=32: four of 8), several segments of the outer scan, a chunk
+    # of 7 (one sub-chunk), strong / medium / weak gates. T=1 is an example of the property
+    # test.
+    cases = (
+        (2, 63, 2, 8, 6, 16, None, 0.05),
+        (1, 500, 2, 16, 8, None, None, 10.0),
+        (1, 100, 2, 8, 8, 32, 64, 1.0),
+        (1, 77, 2, 8, 4, 7, 21, 1.0),
+    )
+    # PACKED_LENGTHS' rows, by chunks of 8 in segments of 16 tokens and by one chunk of 32
+    packed_cases = ((2, 37, 2, 8, 4, 8, 16, 1.0), (2, 37, 2, 8, 4, 32, None, 1.0))
+    strengths = (1.0, 0.05, 10.0)
+    strength = 1.0
+    chunks = (1, 5, 16, 48, None)
+
+    def decay(self, key, B, T, H, K, normalizer):
+        return jax.nn.log_sigmoid(jax.random.normal(key, (B, T, H, K))) / normalizer
+
+    def segment_ids(self, B, T):
+        assert (B, T) == (2, 37)
+        return _packed_ids(PACKED_LENGTHS)
+
+
 def _inputs(B, T, H, K, V, normalizer, dtype=jnp.float32, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 7)
-    q = jax.random.normal(keys[0], (B, T, H, K)).astype(dtype)
-    k = jax.random.normal(keys[1], (B, T, H, K)).astype(dtype)
-    v = jax.random.normal(keys[2], (B, T, H, V)).astype(dtype)
-    g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, K))) / normalizer
-    S0 = jax.random.normal(keys[4], (B, H, K, V))
-    do = jax.random.normal(keys[5], (B, T, H, V))
-    dS = jax.random.normal(keys[6], (B, H, K, V))
-    return q, k, v, g, S0, do, dS
-
-
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "segment_tokens"))
-def _outputs_and_grads(q, k, v, g, S0, do, dS, impl, chunk_size=None, segment_tokens=None):
-    """o, final state, and the grads of Σ o·do + Σ S·dS w.r.t. (q, k, v, log_gate, S0).
-
-    segment_tokens, when given, overrides the module's segment length while this traces (it
-    is a static argument, so each value gets its own compiled function).
-    """
-    fn = functools.partial(gated_linear_attention, impl=impl, chunk_size=chunk_size)
-
-    def loss(q, k, v, g, S0):
-        o, S = fn(q, k, v, g, initial_state=S0, return_final_state=True)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(S * dS), (o, S)
-
-    default_segment = gla_module.SEGMENT_TOKENS
-    gla_module.SEGMENT_TOKENS = segment_tokens or default_segment
-    try:
-        grads, (o, S) = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, g, S0)
-    finally:
-        gla_module.SEGMENT_TOKENS = default_segment
-    return o, S, grads
-
-
-NAMES = ("o", "final state", "dq", "dk", "dv", "dlog_gate", "dS0")
-
-
-# (B, T, H, K, V, chunk_size, segment_tokens, gate normalizer): T not a multiple of the chunk,
-# several sub-chunks (C=32: four of 8), several segments of the outer scan, a chunk of 7 (one
-# sub-chunk), strong / medium / weak gates. T=1 is an example of the property test below.
-CASES = [
-    (2, 63, 2, 8, 6, 16, None, 0.05),
-    (1, 500, 2, 16, 8, None, None, 10.0),
-    (1, 100, 2, 8, 8, 32, 64, 1.0),
-    (1, 77, 2, 8, 4, 7, 21, 1.0),
-]
-
-
-@pytest.mark.parametrize(("B", "T", "H", "K", "V", "chunk", "segment", "normalizer"), CASES)
-def test_chunked_matches_reference(B, T, H, K, V, chunk, segment, normalizer):
-    args = _inputs(B, T, H, K, V, normalizer)
-    ref = _outputs_and_grads(*args, impl="reference")
-    got = _outputs_and_grads(*args, impl="xla", chunk_size=chunk, segment_tokens=segment)
-    for name, r, x in zip(NAMES, jax.tree.leaves(ref), jax.tree.leaves(got)):
-        assert_close(name, r, x, F32_RATIO)
-
-
-def test_chunked_bfloat16_inputs():
-    args = _inputs(2, 200, 2, 16, 16, 1.0, dtype=jnp.bfloat16)
-    got = _outputs_and_grads(*args, impl="xla")
-    assert got[0].dtype == jnp.bfloat16 and got[2][0].dtype == jnp.bfloat16
-    ref = _outputs_and_grads(*args, impl="reference")
-    for name, r, x in zip(NAMES, jax.tree.leaves(ref), jax.tree.leaves(got)):
-        assert_close(name, r, x, BF16_RATIO)
+    return TestGatedLinearAttention().inputs(B, T, H, K, V, normalizer, dtype, seed)
 
 
 def test_gates_of_minus_twenty_per_step():
@@ -110,8 +87,9 @@ def test_gates_of_minus_twenty_per_step():
     q, k, v, _, S0, do, dS = _inputs(1, 150, 2, 8, 4, 1.0)
     uniform = jax.random.uniform(jax.random.PRNGKey(7), q.shape)
     g = jnp.where(uniform < 0.5, -20.0, -20.0 * uniform)
-    ref = _outputs_and_grads(q, k, v, g, S0, do, dS, impl="reference")
-    got = _outputs_and_grads(q, k, v, g, S0, do, dS, impl="xla", chunk_size=20)
+    kw = dict(op=_op, module=gla_module)
+    ref = outputs_and_grads(q, k, v, g, S0, None, do, dS, impl="reference", **kw)
+    got = outputs_and_grads(q, k, v, g, S0, None, do, dS, impl="xla", chunk_size=20, **kw)
     for name, r, x in zip(NAMES, jax.tree.leaves(ref), jax.tree.leaves(got)):
         assert_close(name, r, x, F32_RATIO)
 
@@ -132,72 +110,6 @@ def test_reference_matches_definition():
                 o[0, t, h] += np.sum(q[0, t, h] * k[0, s, h] * gate_K) * v[0, s, h]
     got = reference(*map(jnp.asarray, (q, k, v, g)), initial_state=S0)
     assert_close("o", o, got, F32_RATIO)
-
-
-def test_split_sequence_carries_state():
-    q, k, v, g, S0, _, _ = _inputs(2, 90, 2, 8, 6, 1.0)
-    run = functools.partial(attention, chunk_size=16, return_final_state=True)
-    o_all, S_all = run(q, k, v, g, initial_state=S0)
-    o_a, S_a = run(q[:, :37], k[:, :37], v[:, :37], g[:, :37], initial_state=S0)
-    o_b, S_b = run(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], initial_state=S_a)
-    assert_close("o", o_all, jnp.concatenate([o_a, o_b], axis=1), F32_RATIO)
-    assert_close("final state", S_all, S_b, F32_RATIO)
-
-
-def test_decode_steps_match_parallel_form():
-    q, k, v, g, S0, _, _ = _inputs(2, 40, 2, 8, 6, 1.0)
-    o_par, S_par = attention(q, k, v, g, initial_state=S0, return_final_state=True)
-    step = jax.jit(gated_linear_attention_step)
-    state, outs = S0, []
-    for t in range(q.shape[1]):
-        o_t, state = step(q[:, t], k[:, t], v[:, t], g[:, t], state)
-        outs.append(o_t)
-    assert state.dtype == jnp.float32
-    assert_close("o", o_par, jnp.stack(outs, axis=1), F32_RATIO)
-    assert_close("final state", S_par, state, F32_RATIO)
-
-
-def test_causal_by_gradient():
-    """d o_t / d x_s = 0 for every s > t and x in q, k, v, log_gate; non-zero for keys s ≤ t."""
-    q, k, v, g, _, _, _ = _inputs(1, 50, 2, 4, 3, 1.0)
-    t = 21
-
-    def o_t(q, k, v, g):
-        return attention(q, k, v, g, chunk_size=32)[:, t].sum()
-
-    grads = jax.grad(o_t, argnums=(0, 1, 2, 3))(q, k, v, g)
-    for name, d in zip(("dq", "dk", "dv", "dlog_gate"), grads):
-        assert np.all(np.asarray(d[:, t + 1 :]) == 0), f"{name} leaks from the future"
-    assert np.all(np.abs(np.asarray(grads[1][:, : t + 1])).sum(axis=(0, 2, 3)) > 0)
-
-
-@hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
-@hypothesis.example(T=1, chunk=None, normalizer=1.0, with_state=True)
-@hypothesis.given(
-    T=st.integers(1, 96),
-    chunk=st.sampled_from([1, 5, 16, 48, None]),
-    normalizer=st.sampled_from([0.05, 1.0, 10.0]),
-    with_state=st.booleans(),
-)
-def test_chunked_matches_reference_property(T, chunk, normalizer, with_state):
-    q, k, v, g, S0, _, _ = _inputs(1, T, 2, 4, 3, normalizer, seed=T)
-    S0 = S0 if with_state else None
-    ref = reference(q, k, v, g, initial_state=S0, return_final_state=True)
-    got = attention(q, k, v, g, initial_state=S0, return_final_state=True, chunk_size=chunk)
-    assert_close("o", ref[0], got[0], F32_RATIO)
-    assert_close("final state", ref[1], got[1], F32_RATIO)
-
-
-# Packed rows of 37 tokens. Row 0: a start at 8 (a chunk boundary for C = 8), 13 (inside a
-# chunk), 18 and 21 (two in one chunk), a one-token document at 28; ids may repeat after other
-# documents. Row 1: a one-token first document, then a start at 16 (a sub-chunk boundary for
-# C = 32) and 33 (inside the padded last chunk).
-PACKED_LENGTHS = ([8, 5, 5, 3, 7, 1, 8], [1, 15, 17, 4])
-
-
-def _packed_ids(lengths_per_row):
-    rows = [np.repeat(np.arange(len(ls)) % 3, ls) for ls in lengths_per_row]
-    return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def _documents(lengths_per_row):
@@ -235,35 +147,19 @@ def _documents_alone(q, k, v, g, S0, do, dS, lengths_per_row):
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, S0)
 
 
-@pytest.mark.parametrize(("chunk", "segment"), [(8, 16), (32, None)])
-def test_packed_rows_equal_documents_run_alone(chunk, segment):
-    """Exact separation: a packed row's outputs, final state and gradients (the initial state's
-    included, which reaches only the first document) equal its documents run alone."""
-    args = _inputs(2, 37, 2, 8, 4, 1.0)
+def test_packed_rows_equal_documents_run_alone():
+    """Exact separation: the reference's gradients on packed rows (the initial state's
+    included, which reaches only the first document) equal its documents run alone; the
+    chunked form equals the reference on these rows (the suite's packed cases)."""
+    q, k, v, g, S0, do, dS = _inputs(2, 37, 2, 8, 4, 1.0)
+    alone = jax.jit(functools.partial(_documents_alone, lengths_per_row=PACKED_LENGTHS))(
+        q, k, v, g, S0, do, dS
+    )
     seg = _packed_ids(PACKED_LENGTHS)
-    alone = jax.jit(functools.partial(_documents_alone, lengths_per_row=PACKED_LENGTHS))(*args)
-
-    @functools.partial(jax.jit, static_argnames=("impl",))
-    def packed(q, k, v, g, S0, do, dS, impl):
-        fn = functools.partial(
-            gated_linear_attention, segment_ids_BT=seg, impl=impl, chunk_size=chunk
-        )
-
-        def loss(q, k, v, g, S0):
-            o, S = fn(q, k, v, g, initial_state=S0, return_final_state=True)
-            return jnp.sum(o * do) + jnp.sum(S * dS)
-
-        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, S0)
-
-    default_segment = gla_module.SEGMENT_TOKENS
-    gla_module.SEGMENT_TOKENS = segment or default_segment
-    try:
-        for impl in ("reference", "xla"):
-            got = packed(*args, impl=impl)
-            for name, r, x in zip(NAMES[2:], alone, got):
-                assert_close(f"{impl} {name}", r, x, F32_RATIO)
-    finally:
-        gla_module.SEGMENT_TOKENS = default_segment
+    kw = dict(op=_op, module=gla_module, impl="reference")
+    _, _, got = outputs_and_grads(q, k, v, g, S0, seg, do, dS, **kw)
+    for name, r, x in zip(NAMES[2:], alone, got, strict=True):
+        assert_close(name, r, x, F32_RATIO)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
@@ -282,35 +178,6 @@ def test_packed_reset_leaks_nothing(impl):
         assert_close(f"row {b} document {d} o", o_d, o[idx], F32_RATIO)
         if d == len(PACKED_LENGTHS[b]) - 1:
             assert_close(f"row {b} final state", S_d, S[b : b + 1], F32_RATIO)
-
-
-@hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
-@hypothesis.given(
-    T=st.integers(2, 64),
-    chunk=st.sampled_from([1, 5, 16, 48, None]),
-    normalizer=st.sampled_from([0.05, 1.0, 10.0]),
-    n_docs=st.integers(1, 12),
-)
-def test_packed_chunked_matches_reference_property(T, chunk, normalizer, n_docs):
-    q, k, v, g, S0, _, _ = _inputs(1, T, 2, 4, 3, normalizer, seed=T)
-    ids = np.sort(np.random.default_rng(T).integers(0, n_docs, T))
-    seg = jnp.asarray(ids[None], jnp.int32)
-    kw = dict(segment_ids_BT=seg, initial_state=S0, return_final_state=True)
-    ref = reference(q, k, v, g, **kw)
-    got = attention(q, k, v, g, chunk_size=chunk, **kw)
-    assert_close("o", ref[0], got[0], F32_RATIO)
-    assert_close("final state", ref[1], got[1], F32_RATIO)
-
-
-def test_dtypes_and_return_forms():
-    q, k, v, g, _, _, _ = _inputs(1, 20, 2, 4, 3, 1.0, dtype=jnp.bfloat16)
-    o = attention(q, k, v, g)
-    assert o.shape == (1, 20, 2, 3) and o.dtype == jnp.bfloat16
-    o, S = attention(q, k, v, g, return_final_state=True, impl="reference")
-    assert o.dtype == jnp.bfloat16 and S.shape == (1, 2, 4, 3) and S.dtype == jnp.float32
-    auto = attention(q, k, v, g, impl="auto")
-    xla = attention(q, k, v, g, impl="xla")
-    assert np.array_equal(np.asarray(auto, np.float32), np.asarray(xla, np.float32))
 
 
 def test_bad_arguments_are_rejected():
