@@ -1,6 +1,7 @@
 """Test session set-up: the CPU with 8 virtual devices, set before jax starts."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "")
@@ -13,6 +14,17 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
+# The suite is compile-bound: compiled programs go to a persistent cache that the xdist workers
+# share (within one run, e.g. a train step's sampler compiled again by `generate`, and across
+# runs). Keys hash the program, jax/XLA versions and flags, so a hit is the same executable.
+# JAXLLM_TEST_CACHE= (empty) turns it off.
+_cache = os.environ.get(
+    "JAXLLM_TEST_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache")
+)
+if _cache:
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
