@@ -1,5 +1,6 @@
 """Test session set-up: the CPU with 8 virtual devices, set before jax starts."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -17,10 +18,12 @@ jax.config.update("jax_enable_x64", False)
 # The suite is compile-bound: compiled programs go to a persistent cache that the xdist workers
 # share (within one run, e.g. a train step's sampler compiled again by `generate`, and across
 # runs). Keys hash the program, jax/XLA versions and flags, so a hit is the same executable.
-# JAXLLM_TEST_CACHE= (empty) turns it off.
-_cache = os.environ.get(
-    "JAXLLM_TEST_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache")
-)
+# Not where libtpu is installed: executables compiled ahead of time for a TPU topology are
+# cached too, and a compile-only client cannot read them back. JAXLLM_TEST_CACHE=DIR forces
+# the cache on, JAXLLM_TEST_CACHE= (empty) off.
+_cache = os.environ.get("JAXLLM_TEST_CACHE")
+if _cache is None and importlib.util.find_spec("libtpu") is None:
+    _cache = str(Path(__file__).resolve().parents[1] / ".jax_cache")
 if _cache:
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

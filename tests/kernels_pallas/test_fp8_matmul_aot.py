@@ -47,10 +47,8 @@ def test_kernel_compiles_for_tpu(topology, scales):
 @needs_libtpu
 @pytest.mark.parametrize("mode", ["current", "blockwise"])
 def test_train_step_with_the_kernel_compiles_for_v5e(mode, monkeypatch):
-    import jaxllm.training.step as step_mod
-
     lowered_text = []
-    make = step_mod.make_train_step
+    make = aot.make_train_step
 
     def recording_make_train_step(trainer):
         step = make(trainer)
@@ -63,7 +61,7 @@ def test_train_step_with_the_kernel_compiles_for_v5e(mode, monkeypatch):
 
         return Recording()
 
-    monkeypatch.setattr(step_mod, "make_train_step", recording_make_train_step)
+    monkeypatch.setattr(aot, "make_train_step", recording_make_train_step)
     overrides = [
         *SMALL,
         "parallel.mesh.fsdp=2",

@@ -10,6 +10,7 @@ from flax import nnx
 from jaxllm import config, models
 from jaxllm.layers import registry
 from jaxllm.layers.lightning import linear_attention_flops
+from jaxllm.optim import decay_mask
 from jaxllm.sampling import Sampler, kv_cache_bytes
 from jaxllm.training.loop import train
 from jaxllm.training.state import Model
@@ -152,8 +153,6 @@ def test_tiny_presets_train(tmp_path, name, extra):
 
 
 def test_gate_frequency_and_scale_parameters_get_no_weight_decay():
-    from jaxllm.optim.factory import decay_mask
-
     model = models.build(small("model.layer_pattern=[cosformer2,hgrn2,lcsm]", "model.n_layers=3",
                                "model.mixers.lcsm.oscillation=static"), 0)  # fmt: skip
     mask = decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
