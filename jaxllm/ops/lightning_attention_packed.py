@@ -33,7 +33,6 @@ from jaxllm.ops.lightning_attention import kernel_per_device
 from jaxllm.ops.linear_chunks import (
     causal_decay_HCS,
     chunk_tokens,
-    document_runs,
     finish,
     initial_state_BHKV,
     inter_chunk,
@@ -41,6 +40,7 @@ from jaxllm.ops.linear_chunks import (
     query_decay_CH,
     run_impl,
 )
+from kernels_pallas.lightning_attention.documents import document_runs
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64

@@ -55,13 +55,6 @@ def document_starts(segment_ids_BT):
     return jnp.pad(segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
 
 
-def document_runs(segment_ids_BT):
-    """[B, T] ids → [B, T] int32: how many document starts precede each token (0 at t = 0)."""
-    change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
-    zeros_B1 = jnp.zeros((segment_ids_BT.shape[0], 1), jnp.int32)
-    return jnp.concatenate([zeros_B1, jnp.cumsum(change_BT, axis=1, dtype=jnp.int32)], axis=1)
-
-
 def _chunks(x, n_seg, G, C):
     """[B, T, H, X] → [n_seg, B, G, C, H, X] float32, zero-padding the tail."""
     B, T = x.shape[:2]

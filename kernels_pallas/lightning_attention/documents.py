@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 def document_runs(segment_ids_BT):
     """[B, T] ids → [B, T] int32: how many document starts precede each token (0 at t = 0);
-    `jaxllm.ops.lightning_attention_packed.document_runs`, which kernels may not import."""
+    the XLA paths (`jaxllm.ops.linear_chunks`) use it too."""
     change_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
     zeros_B1 = jnp.zeros((segment_ids_BT.shape[0], 1), jnp.int32)
     return jnp.concatenate([zeros_B1, jnp.cumsum(change_BT, axis=1, dtype=jnp.int32)], axis=1)
