@@ -43,3 +43,11 @@ def assert_close(name, ref, got, ratio, atol=1e-6):
         return
     rms_ratio = np.sqrt(np.mean((ref - got) ** 2)) / np.sqrt(np.mean(ref**2))
     assert rms_ratio <= ratio, f"{name}: max|Δ| {max_err:.3g}, RMS ratio {rms_ratio:.3g} > {ratio}"
+
+
+def assert_greedy(model, prompt, new):
+    """Each greedy token is the argmax of the full causal forward over prompt + the tokens
+    before it (teacher forcing: one forward over the whole sequence, not one per prefix)."""
+    logits = model(jnp.asarray(np.concatenate([prompt, new], axis=1)))
+    P = prompt.shape[1]
+    np.testing.assert_array_equal(new, np.asarray(jnp.argmax(logits[:, P - 1 : -1], axis=-1)))

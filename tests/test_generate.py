@@ -7,7 +7,7 @@ from flax import nnx
 from jaxllm import models
 from jaxllm.sampling import Sampler, sample_logits
 from jaxllm.training.state import Model
-from tests.helpers import tiny
+from tests.helpers import assert_greedy, tiny
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -34,14 +34,6 @@ def test_top_k_and_top_p():
     assert _draws(top_p=0.1)[0] == 1.0
 
 
-def _assert_greedy(model, prompt, new):
-    """Each greedy token is the argmax of the full causal forward over prompt + the tokens
-    before it (teacher forcing: one forward over the whole sequence, not one per prefix)."""
-    logits = model(jnp.asarray(np.concatenate([prompt, new], axis=1)))
-    P = prompt.shape[1]
-    np.testing.assert_array_equal(new, np.asarray(jnp.argmax(logits[:, P - 1 : -1], axis=-1)))
-
-
 def test_greedy_generation_equals_argmax_of_full_forward():
     cfg = tiny()
     model = models.build(cfg.model, nnx.Rngs(params=0))
@@ -49,7 +41,7 @@ def test_greedy_generation_equals_argmax_of_full_forward():
     sampler = Sampler(Model.create(cfg), params, max_len=24)
     prompt = np.array([[256, 100, 101, 102], [256, 40, 41, 42]])
     new = sampler.generate(prompt, max_new_tokens=6, temperature=0)
-    _assert_greedy(model, prompt, new)
+    assert_greedy(model, prompt, new)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -62,4 +54,4 @@ def test_sampling_from_layers_that_sow(scan):
     sampler = Sampler(Model.create(cfg), params, max_len=24)
     prompt = np.array([[256, 100, 101, 102]])
     new = sampler.generate(prompt, max_new_tokens=5, temperature=0)
-    _assert_greedy(model, prompt, new)
+    assert_greedy(model, prompt, new)

@@ -14,7 +14,7 @@ from jaxllm.optim import decay_mask
 from jaxllm.sampling import Sampler, kv_cache_bytes
 from jaxllm.training.loop import train
 from jaxllm.training.state import Model
-from tests.helpers import tiny
+from tests.helpers import assert_greedy, tiny
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # float32 end to end
 VARIANTS = {
@@ -96,12 +96,7 @@ def test_greedy_generation_equals_argmax_of_full_forward():
     sampler = Sampler(Model.create(cfg), params, max_len=24)
     prompt = np.array([[256, 100, 101, 102], [256, 40, 41, 42]])
     new = sampler.generate(prompt, max_new_tokens=6, temperature=0)
-    seq = prompt
-    fwd = nnx.jit(lambda m, x: m(x))
-    for _ in range(6):
-        nxt = np.asarray(jnp.argmax(fwd(model, jnp.asarray(seq))[:, -1], axis=-1))[:, None]
-        seq = np.concatenate([seq, nxt], axis=1)
-    np.testing.assert_array_equal(new, seq[:, 4:])
+    assert_greedy(model, prompt, new)
 
 
 def test_flops_count_the_linear_mixing():
