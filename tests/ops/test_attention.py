@@ -1,3 +1,9 @@
+"""Softmax attention: the shared op suite (`tests/ops/attention_op_cases.py`: the XLA form,
+`auto` and the blocked form against the reference, the reference against a NumPy formula), and
+what is this op's own: decode positions, the splash kernel in interpret mode, the splash and
+cuDNN support checks, and argument checks.
+"""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +20,17 @@ from jaxllm.ops.attention import (
     query_block,
 )
 from tests.helpers import assert_close
+from tests.ops.attention_op_cases import BF16_RATIO, F32_RATIO, AttentionOpCases, packed_ids
 
-# RMS(Δ)/RMS(ref), as tests/ops/test_lightning_attention.py
-RATIO = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3}
+# RMS(Δ)/RMS(ref): the suite's policy (`tests/ops/attention_op_cases.py`)
+RATIO = {jnp.float32: F32_RATIO, jnp.bfloat16: BF16_RATIO}
 
 
 def _naive(q, k, v, mask):
     """Per-head loops in NumPy float64: the formula, nothing shared with the code under test."""
     b, t, h, kd = q.shape
     g = k.shape[2]
+    mask = np.broadcast_to(mask, (b, t, k.shape[1]))
     out = np.zeros((b, t, h, v.shape[-1]))
     for bi in range(b):
         for hi in range(h):
@@ -34,39 +42,63 @@ def _naive(q, k, v, mask):
     return out
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "auto"])
-@pytest.mark.parametrize(("h", "g"), [(4, 4), (4, 2), (6, 1)])
-def test_causal_gqa_matches_naive(impl, h, g):
-    ks = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(ks[0], (2, 9, h, 8))
-    k = jax.random.normal(ks[1], (2, 9, g, 8))
-    v = jax.random.normal(ks[2], (2, 9, g, 8))
-    mask = np.tril(np.ones((9, 9), bool))[None].repeat(2, 0)
-    want = _naive(*(np.asarray(x, np.float64) for x in (q, k, v)), mask)
-    np.testing.assert_allclose(attention(q, k, v, impl=impl), want, atol=1e-5)
+def _op(q, k, v, *, impl, block, causal, segment_ids_BT, **kw):
+    """`attention`, or impl="blocked": `attention_blocked` with `block` query rows a step."""
+    if impl == "blocked":
+        return attention_blocked(q, k, v, block=block, causal=causal, scale=None,
+                                 segment_ids_BT=segment_ids_BT)  # fmt: skip
+    return attention(q, k, v, impl=impl, causal=causal, segment_ids_BT=segment_ids_BT, **kw)
+
+
+class TestAttention(AttentionOpCases):
+    """The shared suite (`tests/ops/attention_op_cases.py`): the XLA form, `auto` (the XLA form
+    on the CPU) and the blocked GPU fallback for packed rows against the reference."""
+
+    op = staticmethod(_op)
+    formula = staticmethod(_naive)
+    impls = ("xla", "auto", "blocked")
+    fast_impl = "xla"
+    # (B, T, H, G, K, V, block, causal, packed): MHA not causal, MQA, GQA with packed rows
+    # (row 0's first document one token); the blocked form in 3 steps of 8 query rows.
+    cases = (
+        (1, 9, 4, 4, 8, 8, None, False, False),
+        (2, 9, 6, 1, 8, 8, None, True, False),
+        (2, 11, 4, 2, 8, 8, None, True, True),
+        (2, 24, 4, 2, 8, 8, 8, True, False),
+        (2, 24, 4, 2, 8, 8, 8, True, True),
+    )
+
+    @classmethod
+    def runs(cls, impl, case):
+        """blocked: T a multiple of the block; auto (the XLA form on the CPU): the cases of
+        T < 24 (MQA, packed GQA), as it is traced the same there."""
+        t, block = case[1], case[6]
+        if impl == "blocked":
+            return block is not None and t % block == 0 and t > block
+        return impl != "auto" or t < 24
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla", "auto"])
-def test_segments_and_positions(impl):
-    ks = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(ks[0], (1, 7, 2, 4))
-    k = jax.random.normal(ks[1], (1, 7, 2, 4))
-    v = jax.random.normal(ks[2], (1, 7, 2, 4))
-    seg = jnp.array([[1, 1, 1, 2, 2, 3, 3]])
-    mask = np.tril(np.ones((7, 7), bool)) & (np.asarray(seg)[0, :, None] == np.asarray(seg)[0])
-    want = _naive(*(np.asarray(x, np.float64) for x in (q, k, v)), mask[None])
-    got = attention(q, k, v, segment_ids_BT=seg, impl=impl)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-
-    # A decode step: 2 queries at absolute positions 3, 4 against a 7-slot cache.
-    qd = q[:, :2]
+def test_decode_positions_match_naive(impl):
+    """2 queries at absolute positions 3, 4 against a 7-slot cache."""
+    q, k, v, _ = TestAttention().inputs(1, 2, 2, 2, 4, 4, S=7, seed=1)
     got = attention(
-        qd, k, v, q_positions_BT=jnp.array([[3, 4]]), kv_positions_BS=jnp.arange(7)[None],
+        q, k, v, q_positions_BT=jnp.array([[3, 4]]), kv_positions_BS=jnp.arange(7)[None],
         impl=impl,
     )  # fmt: skip
     m = np.arange(7)[None, :] <= np.array([3, 4])[:, None]
-    want = _naive(*(np.asarray(x, np.float64) for x in (qd, k, v)), m[None])
+    want = _naive(*(np.asarray(x, np.float64) for x in (q, k, v)), m[None])
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_query_block():
+    """The blocked form's rows per step (its values: the suite's `blocked` impl)."""
+    assert (query_block(2048, 2048), query_block(384, 384), query_block(128, 128)) == (
+        512,
+        128,
+        None,
+    )
+    assert query_block(100, 100) is None and query_block(1, 512) is None
 
 
 def _packed(b, t, h, g, kd, seed=2, dtype=jnp.float32):
@@ -76,45 +108,7 @@ def _packed(b, t, h, g, kd, seed=2, dtype=jnp.float32):
     q = jax.random.normal(ks[0], (b, t, h, kd), dtype)
     k = jax.random.normal(ks[1], (b, t, g, kd), dtype)
     v = jax.random.normal(ks[2], (b, t, g, kd), dtype)
-    cuts = np.stack([np.array([1, t // 2]), np.array([t // 3, t - 5])][:b])
-    seg = jnp.asarray((np.arange(t)[None, None] >= cuts[:, :, None]).sum(1), jnp.int32)
-    return q, k, v, seg
-
-
-def _grads(impl, q, k, v, **kw):
-    # sin: a cotangent that differs per element, so a transposed or shifted gradient shows
-    loss = lambda *a: jnp.sum(jnp.sin(attention(*a, impl=impl, **kw).astype(jnp.float32)))
-    return jax.grad(loss, (0, 1, 2))(q, k, v)
-
-
-@pytest.mark.parametrize("impl", ["xla", "auto"])
-@pytest.mark.parametrize("packed", [False, True])
-def test_gradients_match_reference(impl, packed):
-    q, k, v, seg = _packed(2, 11, 4, 2, 8)
-    kw = {"segment_ids_BT": seg} if packed else {}
-    for a, b in zip(_grads(impl, q, k, v, **kw), _grads("reference", q, k, v, **kw)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_blocked_matches_reference(packed):
-    """The GPU fallback for packed rows: 3 steps of 128 query rows, GQA, outputs and grads."""
-    q, k, v, seg = _packed(2, 384, 4, 2, 8)
-    seg = seg if packed else None
-    kw = {"segment_ids_BT": seg}
-    blocked = lambda q, k, v: attention_blocked(q, k, v, block=128, causal=True, scale=None, **kw)
-    assert_close("o", attention_reference(q, k, v, **kw), blocked(q, k, v), RATIO[jnp.float32])
-    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-    got = jax.grad(loss(blocked), (0, 1, 2))(q, k, v)
-    want = jax.grad(loss(lambda q, k, v: attention_reference(q, k, v, **kw)), (0, 1, 2))(q, k, v)
-    for name, a, w in zip("qkv", got, want):
-        assert_close(f"d{name}", w, a, RATIO[jnp.float32])
-    assert (query_block(2048, 2048), query_block(384, 384), query_block(128, 128)) == (
-        512,
-        128,
-        None,
-    )
-    assert query_block(100, 100) is None and query_block(1, 512) is None
+    return q, k, v, packed_ids(b, t)
 
 
 def _splash_matches_reference(b, t, h, g, kd, *, causal, packed, dtype, grads=True):

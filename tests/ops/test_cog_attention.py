@@ -1,6 +1,9 @@
-"""Cog attention: the materialised reference against a NumPy port of the authors'
-`CogAttention.forward`, and the chunked online-softmax path (custom VJP) against the reference,
-outputs and gradients."""
+"""Cog attention: the shared op suite (`tests/ops/attention_op_cases.py`: the chunked online
+softmax with its custom VJP against the materialised reference, outputs and gradients, ragged
+key tiles, GQA without repeating kv, packed rows; the reference against a NumPy port of the
+authors' `CogAttention.forward`), and what is this op's own: signed weights, decode against a
+cache, rows without keys, dispatch, and memory that does not grow as T².
+"""
 
 import functools
 
@@ -11,138 +14,95 @@ import pytest
 
 from jaxllm import ops
 from jaxllm.ops.cog_attention import cog_attention_chunked as _chunked
-
-# Jitted once per shape: the eager op-by-op dispatch dominates otherwise.
-cog_attention = jax.jit(ops.cog_attention, static_argnames=("causal", "impl", "chunk"))
-cog_attention_reference = jax.jit(ops.cog_attention_reference, static_argnames=("causal",))
-cog_attention_chunked = jax.jit(_chunked, static_argnames=("causal", "chunk"))
-
-FWD = dict(rtol=1e-5, atol=1e-5)  # float32, different summation order
-GRAD = dict(rtol=1e-4, atol=1e-5)
+from tests.helpers import assert_close
+from tests.ops.attention_op_cases import F32_RATIO, AttentionOpCases, compare, outputs_and_grads
 
 
-def numpy_cog(q, k, v, causal=True):
-    """trestad/CogAttn `CogAttention.forward`: P = qkᵀ/√d, W = sign(P)·softmax(mask(|P|))."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+def numpy_cog(q, k, v, mask):
+    """trestad/CogAttn `CogAttention.forward`: P = qkᵀ/√d, W = sign(P)·softmax(mask(|P|));
+    mask: [B|1, T, S], True where a query sees a key."""
     h, g = q.shape[2], k.shape[2]
     k, v = np.repeat(k, h // g, axis=2), np.repeat(v, h // g, axis=2)
     p = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
-    a = np.abs(p)
-    if causal:
-        t, s = p.shape[-2:]
-        a = np.where(np.tril(np.ones((t, s), bool), s - t), a, -np.inf)
+    a = np.where(mask[:, None], np.abs(p), -np.inf)
     e = np.exp(a - a.max(-1, keepdims=True))
     w = np.sign(p) * e / e.sum(-1, keepdims=True)
     return np.einsum("bhts,bshv->bthv", w, v)
 
 
-def qkv(t=37, s=None, h=4, g=2, kd=8, vd=6, seed=0):
-    s = s or t
-    ks = jax.random.split(jax.random.key(seed), 3)
+def _op(q, k, v, *, impl, block, **kw):
+    """`cog_attention` with chunks of `block` keys."""
+    return ops.cog_attention(q, k, v, impl=impl, chunk=block or 128, **kw)
+
+
+class TestCogAttention(AttentionOpCases):
+    op = staticmethod(_op)
+    formula = staticmethod(numpy_cog)
+    impls = ("chunked",)
+    fast_impl = "chunked"
     # Scale 2 puts many scores far from 0 on both signs, so the sign pattern matters.
-    return (
-        2 * jax.random.normal(ks[0], (2, t, h, kd)),
-        2 * jax.random.normal(ks[1], (2, s, g, kd)),
-        jax.random.normal(ks[2], (2, s, g, vd)),
+    qk_scale = 2.0
+    # (B, T, H, G, K, V, chunk, causal, packed): 37 keys in chunks of 5 (a ragged last tile),
+    # of 16 (not causal) and of 64 (one tile, S < chunk); 4 query heads on 1 kv head and 6 on
+    # 3, kv never repeated; packed rows in chunks of 4.
+    cases = (
+        (2, 37, 4, 2, 8, 6, 5, True, False),
+        (2, 37, 4, 2, 8, 6, 16, False, False),
+        (2, 37, 4, 2, 8, 6, 64, True, False),
+        (2, 19, 4, 1, 8, 6, 8, True, False),
+        (2, 19, 6, 3, 8, 6, 8, True, False),
+        (2, 23, 4, 2, 8, 6, 4, True, True),
     )
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_reference_matches_authors_formula(causal):
-    q, k, v = qkv()
-    out = cog_attention_reference(q, k, v, causal=causal)
-    np.testing.assert_allclose(out, numpy_cog(q, k, v, causal), **FWD)
+def qkv(t=37, s=None, h=4, g=2, kd=8, vd=6, seed=0):
+    return TestCogAttention().inputs(2, t, h, g, kd, vd, S=s, seed=seed)[:3]
 
 
 def test_weights_are_signed_and_sum_to_one_in_absolute_value():
     q, k, _ = qkv(t=9)
     # With V = identity over keys, the output row is the weight row itself.
     eye = jnp.broadcast_to(jnp.eye(9)[None, :, None, :], (2, 9, 2, 9))
-    w = cog_attention_reference(q, k, eye)
+    w = jax.jit(ops.cog_attention_reference)(q, k, eye)
     assert float(jnp.min(w)) < 0
     np.testing.assert_allclose(jnp.sum(jnp.abs(w), -1), 1.0, rtol=1e-6)
     assert float(jnp.max(jnp.abs(jnp.triu(jnp.moveaxis(w, 2, 1), 1)))) == 0.0
 
 
-def check_chunked(q, k, v, chunk, fwd=FWD, grad=GRAD, **kw):
-    """Chunked against reference: the output, and the gradients of q, k, v under a random
-    cotangent. Returns the chunked (output, (dq, dk, dv))."""
-    ct = jax.random.normal(jax.random.key(9), (*q.shape[:3], v.shape[3])).astype(q.dtype)
-
-    def run(f):  # one compile per path: output and gradients together
-        out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, **kw), q, k, v)
-        return out, vjp(ct)
-
-    out, g_chk = jax.jit(lambda: run(functools.partial(_chunked, chunk=chunk)))()
-    ref, g_ref = jax.jit(lambda: run(ops.cog_attention_reference))()
-    assert out.dtype == q.dtype
-    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), **fwd)
-    for name, a, b in zip("qkv", g_chk, g_ref):
-        assert a.dtype == b.dtype, name
-        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), **grad,
-                                   err_msg=f"d{name}")  # fmt: skip
-    return out, g_chk
-
-
-# 37 keys in chunks of 5 (a ragged last tile), of 16, and of 64 (one tile, S < chunk).
-@pytest.mark.parametrize("chunk,causal", [(5, True), (16, False), (64, True)])
-def test_chunked_matches_reference(chunk, causal):
-    check_chunked(*qkv(), chunk, causal=causal)
-
-
-@pytest.mark.parametrize("h,g", [(4, 1), (6, 3)])
-def test_chunked_gqa_without_repeating_kv(h, g):
-    check_chunked(*qkv(t=19, h=h, g=g), 8)
-
-
-def test_chunked_packed_rows():
-    q, k, v = qkv(t=23)
-    seg = jnp.array([[1] * 10 + [2] * 13, [1] * 4 + [2] * 7 + [3] * 12])
-    check_chunked(q, k, v, 4, segment_ids_BT=seg)
-    # The second document of row 0 is the same as that document on its own.
-    alone = cog_attention_reference(q[:1, 10:], k[:1, 10:], v[:1, 10:])
-    np.testing.assert_allclose(
-        cog_attention(q, k, v, segment_ids_BT=seg, impl="chunked", chunk=4)[:1, 10:], alone, **FWD
-    )
+def check_chunked(q, k, v, chunk, qpos, kpos):
+    """Chunked against reference with query / key positions: the output, and the gradients
+    of q, k, v under a random cotangent. Returns the chunked (output, (dq, dk, dv))."""
+    do = jax.random.normal(jax.random.key(9), (*q.shape[:3], v.shape[3]))
+    run = functools.partial(outputs_and_grads, q, k, v, do, None, qpos, kpos, op=_op)
+    got = run(impl="chunked", block=chunk)
+    compare(run(impl="reference"), got, "chunked ")
+    return got
 
 
 def test_chunked_decode_against_a_cache():
     # 3 queries at positions 10..12 over a 20-slot buffer (slots > 12 not written yet).
     q, k, v = qkv(t=3, s=20)
-    kw = dict(q_positions_BT=jnp.arange(10, 13)[None], kv_positions_BS=jnp.arange(20)[None])
-    check_chunked(q, k, v, 7, **kw)
+    check_chunked(q, k, v, 7, jnp.arange(10, 13)[None], jnp.arange(20)[None])
     # One token, per-row positions.
     q, k, v = qkv(t=1, s=20)
-    check_chunked(q, k, v, 6, q_positions_BT=jnp.array([[3], [17]]),
-                  kv_positions_BS=jnp.arange(20)[None])  # fmt: skip
+    check_chunked(q, k, v, 6, jnp.array([[3], [17]]), jnp.arange(20)[None])
 
 
 def test_chunked_rows_without_keys_are_zero_with_zero_gradients():
     # Queries at positions 0..3 over keys at 2..9: rows 0 and 1 see no key.
     q, k, v = qkv(t=4, s=8)
-    kw = dict(q_positions_BT=jnp.arange(4)[None], kv_positions_BS=jnp.arange(2, 10)[None])
-    out, (dq, _, _) = check_chunked(q, k, v, 3, **kw)
+    out, (dq, _, _) = check_chunked(q, k, v, 3, jnp.arange(4)[None], jnp.arange(2, 10)[None])
     assert float(jnp.max(jnp.abs(out[:, :2]))) == 0.0
     assert float(jnp.min(jnp.max(jnp.abs(out[:, 2:]), axis=-1))) > 0.0
     assert float(jnp.max(jnp.abs(dq[:, :2]))) == 0.0
 
 
-def test_chunked_bf16():
-    # bf16 inputs and outputs, float32 statistics inside both paths: the two differ by the
-    # bf16 rounding of the output and of the gradients (8 bits of mantissa).
-    q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
-    tol = dict(rtol=2e-2, atol=2e-2)
-    check_chunked(q, k, v, 8, fwd=tol, grad=dict(rtol=5e-2, atol=5e-2))
-    ref = numpy_cog(*(x.astype(jnp.float32) for x in (q, k, v)))
-    out = cog_attention_chunked(q, k, v, chunk=8)
-    np.testing.assert_allclose(out.astype(jnp.float32), ref, **tol)
-
-
 def test_dispatch_and_bad_impl():
+    cog_attention = jax.jit(ops.cog_attention, static_argnames=("impl", "chunk"))
     q, k, v = qkv(t=40)
-    ref = cog_attention_reference(q, k, v)
-    np.testing.assert_allclose(cog_attention(q, k, v, impl="auto", chunk=16), ref, **FWD)
-    np.testing.assert_allclose(cog_attention(q, k, v, impl="chunked"), ref, **FWD)
+    ref = cog_attention(q, k, v, impl="reference")
+    assert_close("auto", ref, cog_attention(q, k, v, impl="auto", chunk=16), F32_RATIO)
+    assert_close("chunked", ref, cog_attention(q, k, v, impl="chunked"), F32_RATIO)
     with pytest.raises(ValueError, match="impl"):
         cog_attention(q, k, v, impl="pallas")
 
