@@ -90,18 +90,11 @@ class AttentionOpCases:
     qk_scale = 1.0
 
     @classmethod
-    def parametrize(cls, metafunc):
-        """Called by tests/ops/conftest.py: each test's `case`, `impl_case`, `packed_case`."""
+    def case_lists(cls):
+        """Read by tests/ops/conftest.py: each test's `case`, `impl_case`, `packed_case`."""
         pairs = [(impl, c) for c in cls.cases for impl in cls.impls if cls.runs(impl, c)]
-        lists = {"case": cls.cases, "impl_case": pairs,
-                 "packed_case": [c for c in cls.cases if c[-1]]}  # fmt: skip
-        for name, values in lists.items():
-            if name not in metafunc.fixturenames:
-                continue
-            if not values:
-                skip = pytest.mark.skip(reason=f"{cls.__name__} has no {name}s")
-                values = [pytest.param(None, marks=skip)]
-            metafunc.parametrize(name, values, ids=[str(v) for v in values])
+        return {"case": cls.cases, "impl_case": pairs,
+                "packed_case": [c for c in cls.cases if c[-1]]}  # fmt: skip
 
     @classmethod
     def runs(cls, impl, case):

@@ -23,7 +23,6 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from tests.helpers import assert_close
 
@@ -114,17 +113,10 @@ class LinearOpCases:
     chunks = (1, 5, 16, None)
 
     @classmethod
-    def parametrize(cls, metafunc):
-        """Called by tests/ops/conftest.py: each test's `case`, `kernel_case`, `packed_case`."""
-        lists = {"case": cls.cases, "kernel_case": cls.kernel_cases,
-                 "packed_case": cls.packed_cases}  # fmt: skip
-        for name, values in lists.items():
-            if name not in metafunc.fixturenames:
-                continue
-            if not values:
-                skip = pytest.mark.skip(reason=f"{cls.__name__} has no {name}s")
-                values = [pytest.param(None, marks=skip)]
-            metafunc.parametrize(name, values, ids=[str(v) for v in values])
+    def case_lists(cls):
+        """Read by tests/ops/conftest.py: each test's `case`, `kernel_case`, `packed_case`."""
+        return {"case": cls.cases, "kernel_case": cls.kernel_cases,
+                "packed_case": cls.packed_cases}  # fmt: skip
 
     def decay(self, key, B, T, H, K, strength):
         raise NotImplementedError
