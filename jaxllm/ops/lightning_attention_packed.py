@@ -40,7 +40,7 @@ from jaxllm.ops.linear_chunks import (
     query_decay_CH,
     run_impl,
 )
-from kernels_pallas.lightning_attention.documents import document_runs
+from kernels_pallas.documents import document_runs
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64

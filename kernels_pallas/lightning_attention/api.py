@@ -16,7 +16,7 @@ with jit, vmap and grad like any `cond`):
 - anything else (CPU): the TPU kernel in Pallas interpret mode.
 
 With `segment_ids` (packed documents) the state is reset at each document start, as
-`jaxllm.ops.lightning_attention_packed`; both kernels take the resets (`documents.py`).
+`jaxllm.ops.lightning_attention_packed`; both kernels take the resets (`kernels_pallas.documents`).
 
 The log decay is differentiable: when it depends on what is being differentiated (a learned
 decay; the custom_vjp's `symbolic_zeros` primals say so) the backward kernels' reverse sweep
@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from kernels_pallas.documents import document_runs
 from kernels_pallas.lightning_attention import tpu
-from kernels_pallas.lightning_attention.documents import document_runs
 
 BACKENDS = (None, "tpu", "gpu")
 # K and V are zero-padded to a multiple of this (exact: zero columns of q, k and v and zero

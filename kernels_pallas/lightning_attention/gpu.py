@@ -33,9 +33,9 @@ lowers to Triton IR without a GPU. Passing `triton.CompilerParams` selects it ex
 
 Packed documents (optional `run_BT`, [B, T] int32: how many document starts precede each
 token; padded tokens repeat the last run) reset the state at each document start: each block's
-D, q decays, key decays and state decay are multiplied by the masks of `documents.py` (the
-block is the chunk), the same in the forward and both backward sweeps, as the TPU kernel does.
-Without `run_BT` none of this is traced.
+D, q decays, key decays and state decay are multiplied by the masks of
+`kernels_pallas.documents` (the block is the chunk), the same in the forward and both
+backward sweeps, as the TPU kernel does. Without `run_BT` none of this is traced.
 
 Triton wants power-of-two tile shapes: block_t and block_v must be powers of two (≥ 16, the
 smallest MMA tile) and K is zero-padded to the next power of two here (exact: zero columns of
@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.lightning_attention.documents import mask_inputs
+from kernels_pallas.documents import mask_inputs
 from kernels_pallas.vma import out_shape
 
 # (block_t, block_v) by device_kind substring, first match wins. Untuned (no GPU was at hand

@@ -56,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.lightning_attention.documents import mask_inputs
+from kernels_pallas.documents import mask_inputs
 from kernels_pallas.vma import out_shape
 
 # (block_t, chunk) per TPU generation, chosen from the hardware, not yet timed on a chip: the

@@ -1,9 +1,10 @@
-"""Packed documents for the lightning kernels: the runs and the per-token masks of the resets.
+"""Packed documents for the linear-attention kernels: the runs and the per-token reset masks.
 
 A packed row resets the state at each document start, S_t = (1 − r_t) λ S_{t−1} + k_tᵀ v_t,
-the initial state continuing into the row's first document. Both kernels (tpu.py, gpu.py) cut
-the row into chunks of C tokens and, with p the run of the token before a chunk (the first
-token's own run for the first chunk) and l the run of its last token, mask
+the initial state continuing into the row's first document (λ a per-channel diag(exp(g_t)) for
+gated linear attention). The kernels (lightning_attention/ and gated_linear_attention/, TPU
+and GPU) cut the row into chunks of C tokens and, with p the run of the token before a chunk
+(the first token's own run for the first chunk) and l the run of its last token, mask
 
     D ← D ⊙ [run_j = run_i],   O_inter ← O_inter ⊙ [run_j = p],
     S ← [l = p] λ^L S + (diag(λ^{L−1−i} [run_i = l]) K)ᵀ V,

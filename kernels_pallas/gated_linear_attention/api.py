@@ -1,0 +1,246 @@
+"""`gated_linear_attention`: the Pallas kernels behind a `custom_vjp`, dispatched by platform.
+
+S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t per batch element and head, g_t ≤ 0 a
+log gate per key channel, no 1/√K scaling: the function of
+`jaxllm.ops.gated_linear_attention` (its oracle) and of fla's `chunk_gla` with scale=1.
+
+As the lightning kernel's entry point (`kernels_pallas.lightning_attention.api`, whose
+docstring says why `lax.platform_dependent` sits inside the custom_vjp's rules): the TPU
+kernel (tpu.py, Mosaic) where the computation is lowered for TPU, the GPU kernel (gpu.py,
+Triton) for CUDA, the TPU kernel in interpret mode elsewhere (the CPU).
+
+Here, outside the kernels: the chunk-local cumulative sums b of the log gates (chunk.py), and
+the gates' gradient. Every factor of the forward is exp(B_t − B_s) for the sequence-wide
+cumulative sum B (t reads, s writes; the initial state is written before the first token, the
+final state read after the last), so
+
+    dL/dB_t = q_t ⊙ dq_t − k_t ⊙ dk_t  (+ Σ_V dS_T ⊙ S_T for the last token),
+    dL/dg_t = Σ_{t' ≥ t} dL/dB_{t'},
+
+from the kernels' float32 dq and dk: one elementwise pass and a reverse cumulative sum, as
+fla's backward. With packed rows the sum over a whole later document is zero; the gate of a
+document's first token is unused (the state it would decay is reset) and gets exactly zero.
+"""
+
+import dataclasses
+import functools
+import importlib
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas.documents import document_runs
+from kernels_pallas.gated_linear_attention import tpu
+from kernels_pallas.gated_linear_attention.chunk import CHUNK
+
+BACKENDS = (None, "tpu", "gpu")
+
+
+@functools.cache
+def _gpu_module():
+    try:
+        return importlib.import_module("kernels_pallas.gated_linear_attention.gpu")
+    except Exception as e:  # a missing file, or an import-time failure of the Triton backend
+        warnings.warn(f"gated linear attention GPU kernel unavailable ({e!r})", stacklevel=2)
+        return None
+
+
+def gpu_available() -> bool:
+    """Whether the GPU kernel (gpu.py) imports; without it CUDA falls back to interpret mode."""
+    return _gpu_module() is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    block_t: int | None
+    block_v: int | None
+    backend: str | None
+    interpret: Any
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def _head_size(n):
+    """K and V are zero-padded to a power of two ≥ 64 (Triton's tiles are powers of two; zero
+    channels of q, k, v and the state contribute nothing, their gates are 0)."""
+    return max(64, 1 << (n - 1).bit_length())
+
+
+def _pad_T(x, T):
+    return jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[2]), (0, 0)))
+
+
+def _pad_run(run_BT, T):
+    # The padding repeats the last run: its (zero) tokens start no document.
+    return None if run_BT is None else jnp.pad(run_BT, ((0, 0), (0, T - run_BT.shape[1])), "edge")
+
+
+def _block_v(cfg, V, default):
+    return cfg.block_v or (V if V <= default else default)
+
+
+def _run(kernel, args, T_pad, **kw):
+    """args (q, k, v, b, s0, run[, do, dsT]) with T a multiple of CHUNK, padded to T_pad (whole
+    chunks: b is 0 there) for the kernel, its token-shaped outputs cut back."""
+    T = args[0].shape[2]
+    args = [_pad_T(x, T_pad) if i in (0, 1, 2, 3, 6) else x for i, x in enumerate(args)]
+    run = _pad_run(args.pop(5), T_pad)
+    out = kernel(*args, run_BT=run, **kw)
+    n_tokens = 3 if len(args) > 5 else 1  # backward: dq, dk, dv; forward: o
+    return (*(x[:, :, :T] for x in out[:n_tokens]), *out[n_tokens:])
+
+
+def _run_tpu(cfg, interpret, fn, *args):
+    T, V = args[0].shape[2], args[2].shape[-1]
+    block_t = min(cfg.block_t or tpu.DEFAULT_BLOCK_T, T)
+    block_v = _block_v(cfg, V, 256)
+    T_pad = _round_up(T, block_t)
+    return _run(getattr(tpu, fn), args, T_pad, block_t=block_t, block_v=block_v,
+                interpret=interpret)  # fmt: skip
+
+
+def _run_gpu(cfg, interpret, fn, *args):
+    gpu = _gpu_module()
+    if gpu is None:
+        return _run_tpu(cfg, True if interpret is False else interpret, fn, *args)
+    block_v = _block_v(cfg, args[2].shape[-1], gpu.default_block_v(jax.devices()[0].device_kind))
+    # The TPU interpreter's params cannot run a Triton kernel: the generic interpreter can.
+    interpret = interpret if isinstance(interpret, bool) else True
+    return _run(getattr(gpu, fn), args, args[0].shape[2], block_v=block_v, interpret=interpret)
+
+
+def _dispatch(cfg, fn, *args):
+    if cfg.interpret not in (None, False):
+        run = _run_gpu if cfg.backend == "gpu" else _run_tpu
+        return run(cfg, cfg.interpret, fn, *args)
+    if cfg.backend == "tpu":
+        return _run_tpu(cfg, False, fn, *args)
+    if cfg.backend == "gpu":
+        return _run_gpu(cfg, False, fn, *args)
+    return lax.platform_dependent(
+        *args,
+        tpu=functools.partial(_run_tpu, cfg, False, fn),
+        cuda=functools.partial(_run_gpu, cfg, False, fn),
+        default=functools.partial(_run_tpu, cfg, True, fn),
+    )
+
+
+def _chunk_cumsum(g_BHTK):
+    """The chunk-local inclusive cumulative sums of the log gates, float32 (T a multiple of
+    CHUNK)."""
+    B, H, T, K = g_BHTK.shape
+    g = g_BHTK.astype(jnp.float32).reshape(B, H, T // CHUNK, CHUNK, K)
+    return jnp.cumsum(g, axis=3).reshape(B, H, T, K)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _gla(q, k, v, g, s0, run, cfg):
+    return _dispatch(cfg, "forward", q, k, v, _chunk_cumsum(g), s0, run)
+
+
+def _gla_fwd(q, k, v, g, s0, run, cfg):
+    b = _chunk_cumsum(g)
+    o, sT = _dispatch(cfg, "forward", q, k, v, b, s0, run)
+    return (o, sT), (q, k, v, b, s0, run, sT)
+
+
+def _gla_bwd(cfg, res, cts):
+    q, k, v, b, s0, run, sT = res
+    do, dsT = cts
+    dq, dk, dv, ds0 = _dispatch(cfg, "backward", q, k, v, b, s0, run, do.astype(v.dtype), dsT)
+    f32 = jnp.float32
+    dB = q.astype(f32) * dq - k.astype(f32) * dk
+    # The final state S_T = Σ_s exp(B_T − B_s) k_sᵀ v_s + exp(B_T) S₀ reads B at the last token
+    # (padding after it leaves B unchanged); states are [B, H, V, K].
+    dB = dB.at[:, :, -1].add(jnp.sum(dsT * sT, axis=2))
+    dg = lax.cumsum(dB, axis=2, reverse=True)
+    if run is not None:
+        starts = jnp.pad(run[:, 1:] != run[:, :-1], ((0, 0), (1, 0)))
+        dg = jnp.where(starts[:, None, :, None], 0.0, dg)
+    # The runs are integers: no cotangent.
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv, dg, ds0, None
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+def gated_linear_attention(
+    q_BTHK,
+    k_BTHK,
+    v_BTHV,
+    log_gate_BTHK,
+    *,
+    initial_state=None,
+    return_final_state=False,
+    segment_ids=None,
+    block_t=None,
+    block_v=None,
+    backend=None,
+    interpret=None,
+):
+    """Gated linear attention (per-key-channel, data-dependent decay) by the chunked kernels.
+
+    Args:
+      q_BTHK, k_BTHK: [B, T, H, K].  v_BTHV: [B, T, H, V] (bf16 or fp32; float32 accumulate).
+      log_gate_BTHK: [B, T, H, K], log of the forget gate, ≤ 0 (e.g. logsigmoid), any float
+        dtype (taken as float32); differentiable.
+      initial_state: [B, H, K, V], the state before the first token (zeros when None).
+      return_final_state: also return the float32 state after the last token.
+      segment_ids: None, or [B, T] int document ids of packed rows: the state is reset exactly
+        where the id changes (the initial state continues the row's first document).
+      block_t: tokens per TPU grid step (a multiple of 64; default 256). block_v: V columns
+        per program (default: all of V up to 256 on TPU, the GPU table's width on GPU).
+      backend: None (by the platform the computation is lowered for), "tpu" or "gpu".
+      interpret: None (interpret mode only where no kernel applies, e.g. on the CPU), or True
+        / a `pltpu.InterpretParams` to interpret the chosen kernel.
+
+    Returns:
+      o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if q_BTHK.ndim != 4 or not q_BTHK.shape == k_BTHK.shape == log_gate_BTHK.shape:
+        raise ValueError(
+            "q, k and log_gate must all be [B, T, H, K], got "
+            f"{q_BTHK.shape}, {k_BTHK.shape}, {log_gate_BTHK.shape}"
+        )
+    if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != q_BTHK.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v_BTHV.shape}")
+    B, T, H, K = q_BTHK.shape
+    V = v_BTHV.shape[-1]
+    if T < 1:
+        raise ValueError("gated_linear_attention needs at least one token")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}")
+    if block_t is not None and (block_t < CHUNK or block_t % CHUNK):
+        raise ValueError(f"block_t must be a positive multiple of {CHUNK}, got {block_t}")
+    run = None
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+        run = document_runs(segment_ids)
+    Tp, Kp, Vp = _round_up(T, CHUNK), _head_size(K), _head_size(V)
+
+    def head_major(x, X, dtype):
+        x = jnp.swapaxes(x.astype(dtype), 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, X - x.shape[-1])))
+
+    # One dtype for the MMA operands: q's (the output's).
+    q = head_major(q_BTHK, Kp, q_BTHK.dtype)
+    k = head_major(k_BTHK, Kp, q.dtype)
+    v = head_major(v_BTHV, Vp, q.dtype)
+    g = head_major(log_gate_BTHK, Kp, jnp.float32)
+    s0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
+    s0 = jnp.pad(jnp.swapaxes(s0.astype(jnp.float32), 2, 3), ((0, 0), (0, 0), (0, Vp - V),
+                                                              (0, Kp - K)))  # fmt: skip
+    cfg = _Config(block_t, block_v, backend, interpret)
+    o_BHTV, sT_BHVK = _gla(q, k, v, g, s0, _pad_run(run, Tp), cfg)
+    o_BTHV = jnp.swapaxes(o_BHTV[:, :, :T, :V], 1, 2)
+    if not return_final_state:
+        return o_BTHV
+    return o_BTHV, jnp.swapaxes(sT_BHVK[:, :, :V, :K], 2, 3)
