@@ -45,10 +45,11 @@ DEFAULT_BLOCK_T = 256
 
 
 def _check(T, V, block_t, block_v):
-    if block_t % CHUNK or T % block_t or V % block_v:
+    # Mosaic tiles a block's last dim by 128 lanes unless it spans the whole array.
+    if block_t % CHUNK or T % block_t or V % block_v or (block_v != V and block_v % 128):
         raise ValueError(
-            f"block_t={block_t} must be a multiple of {CHUNK} dividing T={T}, "
-            f"and block_v={block_v} must divide V={V}"
+            f"block_t={block_t} must be a multiple of {CHUNK} dividing T={T}, and "
+            f"block_v={block_v} must divide V={V} and be V or a multiple of 128"
         )
 
 
