@@ -5,8 +5,9 @@
 #   2 llama_bf16   benchmarks/train_step.py llama-1b, T 2048, batch 8, scanned layers, bf16
 #   3 llama_fp8    the same with precision.fp8=current
 #   4 tnl_8k       benchmarks/train_step.py tnl-1b, T 8192, batch 2, scanned layers
-#   5 moe          benchmarks/moe.py, 16K tokens, D 2048, E 8 top-2, F 2816, bf16
-#   6 gpu_tests    pytest -m gpu over the test files that carry the marker
+#   5 hgrn2_8k     the same for hgrn2-1b (its GLA kernel)
+#   6 moe          benchmarks/moe.py, 16K tokens, D 2048, E 8 top-2, F 2816, bf16
+#   7 gpu_tests    pytest -m gpu over the test files that carry the marker
 # Each part runs under its own `timeout` (capped by what is left of the budget); a failing part
 # is recorded (exit code, last lines of its log) and the pass goes on. After every part the
 # folder holds summary.md (the markdown tables), summary.json and logs.tar.gz (each part's log
@@ -34,7 +35,7 @@ SMOKE=${JAXLLM_GPU_SMOKE:-0}
 OUT_DIR=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 BUDGET=""
-PARTS="kernels,llama_bf16,llama_fp8,tnl_8k,moe,gpu_tests"
+PARTS="kernels,llama_bf16,llama_fp8,tnl_8k,hgrn2_8k,moe,gpu_tests"
 
 while (($#)); do
   case $1 in
@@ -178,7 +179,8 @@ cat "$RAW/env.txt"
 
 # --- the parts, in priority order
 if ((SMOKE)); then
-  KERNELS=(--lengths 128 256 --batch 1 --heads 2 --head-dim 32 --gemm 128 --rounds 2)
+  KERNELS=(--lengths 128 256 --gla-lengths 128 --batch 1 --heads 2 --head-dim 32 --gemm 128
+    --rounds 2)
   TINY=(model.d_model=64 model.n_layers=2 model.d_ff=128 model.vocab_size=256)
   LLAMA=(llama-1b model.scan_layers=true "${TINY[@]}" model.n_heads=4 model.n_kv_heads=2)
   LLAMA_SHAPE=(--seq-len 64 --batch 2 --steps 2)
@@ -186,7 +188,8 @@ if ((SMOKE)); then
     --steps 2)
   MOE=(--tokens 512 --d-model 64 --experts 8 --top-k 2 --expert-d-ff 128 --dtype bfloat16
     --iters 2 --ep 1)
-  CAP=(400 300 300 300 300 300)
+  HGRN2=(hgrn2-1b model.scan_layers=true "${TINY[@]}" --seq-len 128 --batch 1 --steps 2)
+  CAP=(400 300 300 300 300 300 300)
 else
   KERNELS=(--lengths 2048 8192 32768 65536 --batch 4 --heads 32 --head-dim 128 --gemm 8192
     --rounds 5)
@@ -195,7 +198,8 @@ else
   TNL=(tnl-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
   MOE=(--tokens 16384 --d-model 2048 --experts 8 --top-k 2 --expert-d-ff 2816 --dtype bfloat16
     --iters 10 --ep 1)
-  CAP=(140 75 75 90 90 60)
+  HGRN2=(hgrn2-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
+  CAP=(170 75 75 90 90 90 60)
 fi
 read -r -a LLAMA_SET <<<"${JAXLLM_GPU_LLAMA_SET:-}"
 
@@ -207,11 +211,13 @@ run_part llama_bf16 "${CAP[1]}" "$PY" benchmarks/train_step.py "${LLAMA[@]}" \
 run_part llama_fp8 "${CAP[2]}" "$PY" benchmarks/train_step.py "${LLAMA[@]}" precision.fp8=current \
   ${LLAMA_SET[@]+"${LLAMA_SET[@]}"} "${LLAMA_SHAPE[@]}" --out "$RAW/llama_fp8.json"
 run_part tnl_8k "${CAP[3]}" "$PY" benchmarks/train_step.py "${TNL[@]}" --out "$RAW/tnl_8k.json"
-run_part moe "${CAP[4]}" "$PY" benchmarks/moe.py "${MOE[@]}" --out "$RAW/moe.json"
+run_part hgrn2_8k "${CAP[4]}" "$PY" benchmarks/train_step.py "${HGRN2[@]}" \
+  --out "$RAW/hgrn2_8k.json"
+run_part moe "${CAP[5]}" "$PY" benchmarks/moe.py "${MOE[@]}" --out "$RAW/moe.json"
 
 mapfile -t GPU_TESTS < <(grep -rlE --include='test_*.py' 'pytest\.mark\.gpu\b' tests | sort)
 if ((${#GPU_TESTS[@]})); then
-  run_part gpu_tests "${CAP[5]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+  run_part gpu_tests "${CAP[6]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
     --junitxml="$RAW/gpu_tests.xml" "${GPU_TESTS[@]}"
 elif [[ ,$PARTS, == *,gpu_tests,* ]]; then
   log "gpu_tests: no test file carries pytest.mark.gpu"

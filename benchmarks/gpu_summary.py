@@ -21,10 +21,13 @@ TITLES = {
     "llama_bf16": "llama-1b train step, bf16",
     "llama_fp8": "llama-1b train step, precision.fp8=current",
     "tnl_8k": "tnl-1b train step, T 8192",
+    "hgrn2_8k": "hgrn2-1b train step, T 8192",
     "moe": "MoE layer (benchmarks/moe.py)",
     "gpu_tests": "pytest -m gpu",
 }
 ATTENTION = {"pallas": "lightning kernel", "xla": "XLA chunked", "softmax": "cuDNN flash softmax"}
+GLA = {"pallas": "GLA kernel", "xla": "XLA chunked"}
+TRAIN_PARTS = ("llama_bf16", "llama_fp8", "tnl_8k", "hgrn2_8k")
 GEMM = {"bf16": "bf16", "xla_fp8": "XLA FP8", "pallas_fp8": "Pallas FP8"}
 TAIL_LINES = 20
 
@@ -85,24 +88,9 @@ def kernels_md(data: dict) -> list[str]:
         )
         out.append("")
     if data.get("attention"):
-        out.append("Lightning attention forward + backward, ms (ns/token):")
-        out.append("")
-        out.append("| T | " + " | ".join(ATTENTION.values()) + " | softmax / kernel |")
-        out.append("|---" * (len(ATTENTION) + 2) + "|")
-        for row in data["attention"]:
-            cells = []
-            for op in ATTENTION:
-                r = row.get(op, {})
-                if "ms" in r:
-                    cells.append(f"{r['ms']:.2f} ({r['ns_per_token']:.1f})")
-                elif r.get("error"):
-                    cells.append("error: " + r["error"][:60].replace("|", "/"))
-                else:
-                    cells.append(f"not run (temp {r.get('temp_bytes', 0) / 2**30:.0f} GiB)")
-            sm, pl = row.get("softmax", {}).get("ms"), row.get("pallas", {}).get("ms")
-            ratio = f"{sm / pl:.2f}" if sm and pl else "-"
-            out.append(f"| {row['T']} | " + " | ".join(cells) + f" | {ratio} |")
-        out.append("")
+        out += _op_table("Lightning attention", data["attention"], ATTENTION, "softmax")
+    if data.get("gla"):
+        out += _op_table("Gated linear attention (HGRN2's core)", data["gla"], GLA, "xla")
     if data.get("gemm"):
         names = [n for n in GEMM if n in data["gemm"][0]]
         out.append("GEMM n×n×n, TFLOP/s (RMS error vs bf16):")
@@ -116,6 +104,27 @@ def kernels_md(data: dict) -> list[str]:
     return out
 
 
+def _op_table(title: str, rows: list[dict], ops: dict, versus: str) -> list[str]:
+    """A forward + backward table, ms (ns/token) per op and the ratio `versus` / kernel."""
+    out = [f"{title} forward + backward, ms (ns/token):", ""]
+    out.append("| T | " + " | ".join(ops.values()) + f" | {ops[versus]} / kernel |")
+    out.append("|---" * (len(ops) + 2) + "|")
+    for row in rows:
+        cells = []
+        for op in ops:
+            r = row.get(op, {})
+            if "ms" in r:
+                cells.append(f"{r['ms']:.2f} ({r['ns_per_token']:.1f})")
+            elif r.get("error"):
+                cells.append("error: " + r["error"][:60].replace("|", "/"))
+            else:
+                cells.append(f"not run (temp {r.get('temp_bytes', 0) / 2**30:.0f} GiB)")
+        vs, pl = row.get(versus, {}).get("ms"), row.get("pallas", {}).get("ms")
+        ratio = f"{vs / pl:.2f}" if vs and pl else "-"
+        out.append(f"| {row['T']} | " + " | ".join(cells) + f" | {ratio} |")
+    return [*out, ""]
+
+
 TRAIN_HEAD = (
     "| run | preset | T | batch | params M | ms/step | tokens/s | TFLOP/s | MFU | compile s "
     "| temp GiB |"
@@ -123,7 +132,13 @@ TRAIN_HEAD = (
 
 
 def train_row(part: str, r: dict) -> str:
-    label = {"llama_bf16": "bf16", "llama_fp8": "fp8 current", "tnl_8k": "bf16"}.get(part, part)
+    labels = {
+        "llama_bf16": "bf16",
+        "llama_fp8": "fp8 current",
+        "tnl_8k": "bf16",
+        "hgrn2_8k": "bf16",
+    }
+    label = labels.get(part, part)
     temp = None if r.get("temp_mib") is None else r["temp_mib"] / 1024
     return (
         f"| {label} | {r['preset']} | {r['seq_len']} | {r['batch']} | {r['params_m']:.4g} "
@@ -187,22 +202,25 @@ def summarize(raw: Path) -> tuple[str, dict]:
     if "kernels" in done:
         data = read_json(raw / "kernels.json")
         if data is None:  # timed out or failed: the rows it printed so far
+            by_T = json_lines(raw / "kernels.log", "T")
             data = {
-                "attention": json_lines(raw / "kernels.log", "T"),
+                # Lightning rows time softmax attention beside the kernel; GLA rows do not.
+                "attention": [r for r in by_T if "softmax" in r],
+                "gla": [r for r in by_T if "softmax" not in r],
                 "gemm": json_lines(raw / "kernels.log", "n"),
             }
         results["kernels"] = data
-        if data.get("attention") or data.get("gemm"):
+        if data.get("attention") or data.get("gla") or data.get("gemm"):
             md += ["## Kernels", "", *kernels_md(data)]
 
     train = []
-    for part in ("llama_bf16", "llama_fp8", "tnl_8k"):
+    for part in TRAIN_PARTS:
         data = read_json(raw / f"{part}.json") if part in done else None
         if data:
             results[part] = data
             train += [train_row(part, r) for r in data]
     if train:
-        first = next(results[p][0] for p in ("llama_bf16", "llama_fp8", "tnl_8k") if p in results)
+        first = next(results[p][0] for p in TRAIN_PARTS if p in results)
         md += ["## Train steps", ""]
         md += [
             f"{first['device']} × {first['n_devices']}; MFU against "

@@ -2,13 +2,18 @@
 attention, and the FP8 GEMM against bf16?
 
     python benchmarks/kernels.py [--lengths 1024 2048 ... 65536] [--batch 4] [--heads 32]
-        [--head-dim 128] [--dtype bfloat16] [--rounds 5] [--gemm 4096 8192] [--max-temp-gib 60]
+        [--head-dim 128] [--dtype bfloat16] [--rounds 5] [--gla-lengths 2048 8192 32768]
+        [--gemm 4096 8192] [--max-temp-gib 60]
 
 Defaults are the official lightning-attention benchmark's shapes (b=4, h=32, d=128, bf16,
 T = 1K…64K) and LLM-sized GEMMs: meant for a GPU (`JAX_PLATFORMS=cuda`) or a TPU. On the CPU
 (the default platform here) shrink them, e.g. `--lengths 256 512 --batch 1 --heads 2
 --head-dim 64 --gemm 256`: there the Pallas kernels run in *interpret mode*, so their times say
 nothing about the kernels (the table says so).
+
+Gated linear attention (--gla-lengths): forward + backward (gradients of q, k, v and the log
+gates) of `kernels_pallas.gated_linear_attention` against `jaxllm.ops.gated_linear_attention
+(impl="xla")`, the same shapes, after the same kind of check (RMS ratio ≤ 5e-5).
 
 Lightning attention: one jitted forward + backward (gradients of q, k, v) of
 - "pallas": `kernels_pallas.lightning_attention` (Mosaic on TPU, Triton on GPU),
@@ -28,6 +33,7 @@ Prints tables and writes benchmarks/results/kernels.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -41,11 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.ops.gated_linear_attention import gated_linear_attention as gla_ops
 from jaxllm.ops.lightning_attention import lightning_attention as la_ops
+from kernels_pallas.gated_linear_attention import gated_linear_attention as gla_kernel
 from kernels_pallas.lightning_attention import lightning_attention as la_kernel
 
 CHECK_RATIO = 1e-5
+# The gates' gradient of GLA is a reverse cumulative sum of terms that cancel (kernel api.py).
+GLA_CHECK_RATIO = 5e-5
 ATTENTION_OPS = ("pallas", "xla", "softmax")
+GLA_OPS = ("pallas", "xla")
 
 
 def _time(fns, args, rounds):
@@ -110,14 +121,45 @@ def check_kernel():
     return worst
 
 
-def measure_attention(lengths, B, H, K, dtype, rounds, max_temp, platform_):
+def _gla_inputs(B, T, H, K, dtype, seed=0):
+    """q, k, v as the attention inputs; log gates logsigmoid(randn + 4): HGRN2-like forget
+    gates near 1 (f ≈ 0.98)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q, k, v = (jax.random.normal(keys[i], (B, T, H, K)) / np.sqrt(K) for i in range(3))
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, K)) + 4.0)
+    return q.astype(dtype), k.astype(dtype), (v * np.sqrt(K)).astype(dtype), g
+
+
+def _gla_fwd_bwd(name, platform_=""):
+    """Forward + backward (gradients of q, k, v and the log gates) of the GLA kernel or its
+    chunked XLA form."""
+    fn = gla_kernel if name == "pallas" else functools.partial(gla_ops, impl="xla")
+
+    def loss(q, k, v, g):
+        return fn(q, k, v, g).astype(jnp.float32).sum()
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def check_gla():
+    """GLA kernel vs XLA form, gradients of q, k, v, g at B1 T300 H2 K64 in float32."""
+    args = _gla_inputs(1, 300, 2, 64, jnp.float32, seed=1)
+    want, got = _gla_fwd_bwd("xla")(*args), _gla_fwd_bwd("pallas")(*args)
+    worst = max(_rms_ratio(r, g) for r, g in zip(want, got))
+    if not worst <= GLA_CHECK_RATIO:
+        raise SystemExit(f"GLA kernel differs from the XLA form: RMS ratio {worst:.3g}")
+    return worst
+
+
+def measure_attention(lengths, B, H, K, dtype, rounds, max_temp, platform_, ops=ATTENTION_OPS,
+                      fwd_bwd=_fwd_bwd, inputs=_attention_inputs):  # fmt: skip
     rows = []
     for T in lengths:
-        args = _attention_inputs(B, T, H, K, dtype)
+        args = inputs(B, T, H, K, dtype)
         row, fns = {"T": T}, {}
-        for op in ATTENTION_OPS:
+        for op in ops:
             try:
-                exe = _fwd_bwd(op, platform_).lower(*args).compile()
+                exe = fwd_bwd(op, platform_).lower(*args).compile()
             except Exception as e:  # e.g. out of memory, or no cuDNN kernel for the shape
                 row[op] = {"ran": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 continue
@@ -133,18 +175,19 @@ def measure_attention(lengths, B, H, K, dtype, rounds, max_temp, platform_):
     return rows
 
 
-def print_attention(rows, interpreted):
+def print_attention(rows, interpreted, title="lightning attention", ops=ATTENTION_OPS,
+                    versus="softmax"):  # fmt: skip
     note = "  (pallas INTERPRETED on the CPU: not a kernel timing)" if interpreted else ""
-    print(f"\nlightning attention forward+backward, median ms (ns/token){note}")
-    print("T".rjust(7) + "".join(f"{op:>22}" for op in ATTENTION_OPS) + f"{'softmax/pallas':>16}")
+    print(f"\n{title} forward+backward, median ms (ns/token){note}")
+    print("T".rjust(7) + "".join(f"{op:>22}" for op in ops) + f"{versus + '/pallas':>16}")
     for row in rows:
         line = str(row["T"]).rjust(7)
-        for op in ATTENTION_OPS:
+        for op in ops:
             r = row[op]
             cell = "-" if "ms" not in r else f"{r['ms']:.2f} ({r['ns_per_token']:.1f})"
             line += cell.rjust(22)
-        ms_sm, ms_pl = row["softmax"].get("ms"), row["pallas"].get("ms")
-        line += ("-" if ms_sm is None or ms_pl is None else f"{ms_sm / ms_pl:.2f}").rjust(16)
+        ms_vs, ms_pl = row[versus].get("ms"), row["pallas"].get("ms")
+        line += ("-" if ms_vs is None or ms_pl is None else f"{ms_vs / ms_pl:.2f}").rjust(16)
         print(line)
 
 
@@ -218,6 +261,8 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--gla-lengths", type=int, nargs="*", default=[2048, 8192, 32768],
+                    help="T for the GLA kernel vs its XLA form; none: skip")  # fmt: skip
     ap.add_argument("--gemm", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--max-temp-gib", type=float, default=60.0)
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -227,11 +272,15 @@ def main() -> None:
     interpreted = device.platform not in ("tpu", "gpu")
     with jax.default_matmul_precision("highest"):
         worst = check_kernel()
+        gla_worst = check_gla() if a.gla_lengths else None
     print(f"correctness (kernel vs XLA form, worst RMS ratio): {worst:.3g}", flush=True)
-    rows = measure_attention(
-        a.lengths, a.batch, a.heads, a.head_dim, jnp.dtype(a.dtype), a.rounds,
-        a.max_temp_gib * 2**30, device.platform,
-    )  # fmt: skip
+    if a.gla_lengths:
+        print(f"correctness (GLA kernel vs XLA form, worst RMS ratio): {gla_worst:.3g}")
+    shape = (a.batch, a.heads, a.head_dim, jnp.dtype(a.dtype), a.rounds, a.max_temp_gib * 2**30,
+             device.platform)  # fmt: skip
+    rows = measure_attention(a.lengths, *shape)
+    gla = measure_attention(a.gla_lengths, *shape, ops=GLA_OPS, fwd_bwd=_gla_fwd_bwd,
+                            inputs=_gla_inputs)  # fmt: skip
     gemm, names, have_kernel = measure_gemm(a.gemm, a.rounds) if a.gemm else ([], [], False)
     meta = {
         "device": device.device_kind,
@@ -243,6 +292,7 @@ def main() -> None:
         "dtype": a.dtype,
         "rounds": a.rounds,
         "check_rms_ratio": worst,
+        "gla_check_rms_ratio": gla_worst,
         "fp8_kernel": have_kernel,
     }
     print(
@@ -250,11 +300,15 @@ def main() -> None:
         f"{a.dtype}; '-': not run (temp > --max-temp-gib, or an 'error' in the JSON)"
     )
     print_attention(rows, interpreted)
+    if gla:
+        print_attention(gla, interpreted, "gated linear attention (HGRN2's core)", GLA_OPS, "xla")
     if gemm:
         print_gemm(gemm, names, interpreted)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "attention": rows, "gemm": gemm}, indent=1))
+    out.write_text(
+        json.dumps({"meta": meta, "attention": rows, "gla": gla, "gemm": gemm}, indent=1)
+    )
     print(f"wrote {out}")
 
 

@@ -128,3 +128,26 @@ def test_lowers_for_cuda(packed):
     for name in ("fwd", "bwd_dq", "bwd_dkdv"):
         assert text.count(f"gated_linear_attention_{name}") >= 1, name
     assert "while" not in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_kernel_on_gpu(packed):
+    """On a GPU: the compiled Triton kernels (the default dispatch) against the reference at
+    the HGRN2 head size, bfloat16 tolerance."""
+    B, T, H, K = 2, 1000, 4, 128
+    primals, cotangents = _inputs(B, T, H, K, K, jnp.bfloat16, 1.0)
+    seg = _segments(B, T, (300, 301, 777)) if packed else None
+
+    def kernel(*x):
+        kw = dict(initial_state=x[4], return_final_state=True, segment_ids=seg)
+        return gated_linear_attention(*x[:4], **kw)
+
+    def reference(*x):
+        kw = dict(initial_state=x[4], return_final_state=True, segment_ids_BT=seg)
+        return gated_linear_attention_reference(*x[:4], **kw)
+
+    got = _value_and_grads(jax.jit(kernel), primals, cotangents)
+    want = _value_and_grads(jax.jit(reference), primals, cotangents)
+    for name, w, x in zip(NAMES, want, got, strict=True):
+        assert_close(name, w, x, RATIO["bfloat16"])
