@@ -1,5 +1,5 @@
-"""Gated linear attention: the shared op suite (chunked against the scan reference, packed
-rows included, `tests/ops/linear_op_cases.py`), and what is this op's own: its definition,
+"""Gated linear attention: the shared op suite (chunked and kernel against the scan reference,
+packed rows included, `tests/ops/linear_op_cases.py`), and what is this op's own: its definition,
 gates of −20 per step, packed rows against their documents run alone and a reset that leaks
 nothing, and argument checks. Tolerances as the suite's (fla's policy: float32 ratio 1e-5).
 Never loosen these to make a test pass. Gate strength as in fla's tests: log_gate =
@@ -21,7 +21,13 @@ from jaxllm.ops.gated_linear_attention import (
     gated_linear_attention_step,
 )
 from tests.helpers import assert_close
-from tests.ops.linear_op_cases import F32_RATIO, NAMES, LinearOpCases, outputs_and_grads
+from tests.ops.linear_op_cases import (
+    F32_RATIO,
+    NAMES,
+    LinearOpCases,
+    outputs_and_grads,
+    packed_ids,
+)
 
 # The module itself (the package's attribute of this name is the function).
 gla_module = importlib.import_module("jaxllm.ops.gated_linear_attention")
@@ -64,8 +70,14 @@ class TestGatedLinearAttention(LinearOpCases):
         (1, 100, 2, 8, 8, 32, 64, 1.0),
         (1, 77, 2, 8, 4, 7, 21, 1.0),
     )
+    # The kernel (its chunk is 64, interpreted on the CPU): an odd T in one chunk, and three
+    # chunks with K ≠ V (both padded to 64) and weak gates.
+    kernel_cases = ((2, 63, 2, 8, 6, None, None, 1.0), (1, 130, 2, 16, 8, None, None, 10.0))
     # PACKED_LENGTHS' rows, by chunks of 8 in segments of 16 tokens and by one chunk of 32
     packed_cases = ((2, 37, 2, 8, 4, 8, 16, 1.0), (2, 37, 2, 8, 4, 32, None, 1.0))
+    # PACKED_LENGTHS' rows in one kernel chunk; `packed_ids` rows over three chunks (resets in
+    # each, one-token documents, padding after the last document)
+    packed_kernel_cases = ((2, 37, 2, 8, 4, None, None, 1.0), (2, 130, 2, 8, 4, None, None, 1.0))
     strengths = (1.0, 0.05, 10.0)
     strength = 1.0
     chunks = (1, 5, 16, 48, None)
@@ -74,8 +86,9 @@ class TestGatedLinearAttention(LinearOpCases):
         return jax.nn.log_sigmoid(jax.random.normal(key, (B, T, H, K))) / normalizer
 
     def segment_ids(self, B, T):
-        assert (B, T) == (2, 37)
-        return _packed_ids(PACKED_LENGTHS)
+        if (B, T) == (2, 37):
+            return _packed_ids(PACKED_LENGTHS)
+        return packed_ids(B, T, seed=T)
 
 
 def _inputs(B, T, H, K, V, normalizer, dtype=jnp.float32, seed=0):
@@ -162,7 +175,7 @@ def test_packed_rows_equal_documents_run_alone():
         assert_close(name, r, x, F32_RATIO)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_packed_reset_leaks_nothing(impl):
     """A first document whose state is ~1e30 leaves no trace in the next ones (a reset that
     only scaled it by e^−40 would add ~4e12), and the forward matches documents run alone."""
@@ -183,7 +196,7 @@ def test_packed_reset_leaks_nothing(impl):
 def test_bad_arguments_are_rejected():
     q, k, v, g, _, _, _ = _inputs(1, 8, 2, 4, 3, 1.0)
     with pytest.raises(ValueError, match="impl must be one of"):
-        attention(q, k, v, g, impl="pallas")
+        attention(q, k, v, g, impl="triton")
     with pytest.raises(ValueError, match="log_gate"):
         attention(q, k, v, g[..., :3])
     with pytest.raises(ValueError, match="initial_state"):
