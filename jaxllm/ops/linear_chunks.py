@@ -6,6 +6,8 @@ The chunked forms cut T into chunks of C tokens (the tail zero-padded), group th
 segments scanned with remat (`scan_segments`), and inside a segment do every chunk's
 intra-chunk part at once; only the inter-chunk state S_{n+1} = a_n S_n + M_n is sequential
 (`inter_chunk`). Shapes: q, k [B, T, H, K], v [B, T, H, V], states [B, H, K, V] float32.
+Beside it, what both ops do around their Pallas kernels: the choice by impl and platform
+(`run_impl`) and the per-device `shard_map` on a mesh (`kernel_per_device`).
 """
 
 import jax

@@ -14,12 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops.gated_linear_attention import (
     gated_linear_attention,
     gated_linear_attention_reference,
     gated_linear_attention_step,
 )
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from tests.helpers import assert_close
 from tests.ops.linear_op_cases import (
     F32_RATIO,
@@ -207,3 +211,24 @@ def test_bad_arguments_are_rejected():
         attention(q, k, v, g, chunk_size=0)
     with pytest.raises(ValueError, match="segment_ids_BT"):
         attention(q, k, v, g, segment_ids_BT=jnp.zeros((1, 7), jnp.int32))
+
+
+def test_kernel_on_a_mesh_matches_reference():
+    """Under `use_rules` on a data × fsdp × tensor mesh the kernel runs in a `shard_map`
+    (`linear_chunks.kernel_per_device`), rows and their gates over data × fsdp, heads over
+    tensor; packed rows, every gradient (the gates' included) as the reference's."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
+    q, k, v, g, S0, do, dS = _inputs(4, 70, 2, 8, 4, 1.0)
+    seg = packed_ids(4, 70, seed=3)
+    rows_heads = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+    q, k, v, g, do = (jax.device_put(x, rows_heads) for x in (q, k, v, g, do))
+    kw = dict(op=_op, module=gla_module)
+    want = outputs_and_grads(q, k, v, g, S0, seg, do, dS, impl="reference", **kw)
+    with use_rules(mesh):
+        got = outputs_and_grads(q, k, v, g, S0, seg, do, dS, impl="pallas", **kw)
+        jaxpr = str(
+            jax.make_jaxpr(functools.partial(_op, segment_ids=seg, impl="pallas"))(q, k, v, g)
+        )
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    for name, r, x in zip(NAMES, jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert_close(name, r, x, F32_RATIO)
