@@ -48,7 +48,11 @@ class HGRN2Config(LayerConfig):
     )
     lower_bound: bool = Field(True, description="the learned, layer-monotone forget-gate floor")
     chunk_size: int | None = Field(None, ge=1)
-    impl: Literal["auto", "reference", "xla"] = "auto"
+    impl: Literal["auto", "reference", "xla", "pallas"] = Field(
+        "auto",
+        description="the gated linear attention op's (auto: the Pallas kernel on TPU / GPU, "
+        "else xla); pallas: the kernel everywhere (interpreted on the CPU)",
+    )
 
     @property
     def has_bound(self) -> bool:

@@ -62,19 +62,15 @@ class LCSMConfig(LayerConfig):
     chunk_size: int | None = Field(None, ge=1)
     impl: Literal["auto", "reference", "xla", "pallas"] = Field(
         "auto",
-        description="the memory op's (auto: the lightning Pallas kernel on TPU / GPU for the "
-        "static and no-decay memories, else xla); pallas: the kernel (not for data)",
+        description="the memory op's (auto: the Pallas kernel on TPU / GPU, lightning for the "
+        "static and no-decay memories, gated linear attention for data; else xla); pallas: "
+        "the kernel everywhere (interpreted on the CPU)",
     )
 
     @model_validator(mode="after")
     def _check(self) -> LCSMConfig:
         if self.expand == "one_minus_gate" and self.oscillation != "data":
             raise ValueError("lcsm: expand=one_minus_gate needs oscillation=data")
-        if self.impl == "pallas" and self.oscillation == "data":
-            raise ValueError(
-                "lcsm: impl=pallas needs oscillation static or none (the data-dependent "
-                "memory, gated linear attention, has no kernel: use auto, xla or reference)"
-            )
         return self
 
 

@@ -15,21 +15,30 @@ k = 1 − f, v = the input, log_gate = log f (fla's `chunk_gla` with scale=1).
   (fla #215 is the overflow of the k·exp(−b) factoring), and, unlike fla's exp(b_t − b_s)
   with b a running sum, no small sum is taken as the difference of two large ones, which
   keeps the forward and the gradient of the gates as accurate as the scan's.
+- the Pallas kernels (`impl="pallas"`, `kernels_pallas.gated_linear_attention`: Mosaic on TPU,
+  Triton on GPU, interpret mode on the CPU; chunks of 64 tokens, fixed). `impl="auto"` takes
+  the kernel where the computation is lowered for TPU (an ahead-of-time compile for TPU from a
+  CPU host included) or for CUDA (when the GPU kernel imports) and the chunked form elsewhere.
+  Every path differentiates the gates and the initial state. On a mesh (under
+  `jaxllm.parallel.core.rules.use_rules`) the kernel runs inside a `shard_map`
+  (`linear_chunks.kernel_per_device`), batch rows over the token axes, heads over `tensor`.
 
 Packed rows (`segment_ids_BT` [B, T]): the state is reset where the id changes, r_t = 1 when
 t > 0 and seg_t ≠ seg_{t−1}, S_t = (1 − r_t) diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, exactly (as
-fla's varlen `cu_seqlens`): the scan zeroes the state; the chunked form multiplies each decay
-factor by "no reset in its range" — pairs (t, s) of different documents are masked, the state
-entering a chunk reaches only the chunk's first document, the state leaving it is built only
-from its last document, and a chunk holding a reset passes no carried state on. The gates stay
-finite, so there is no ∞ − ∞ and the gate of a document's first token gets no gradient. The
-initial state continues the row's first document (a decode prefix continues its document).
+fla's varlen `cu_seqlens`): the scan zeroes the state, the kernel masks by document; the
+chunked form multiplies each decay factor by "no reset in its range" — pairs (t, s) of
+different documents are masked, the state entering a chunk reaches only the chunk's first
+document, the state leaving it is built only from its last document, and a chunk holding a
+reset passes no carried state on. The gates stay finite, so there is no ∞ − ∞ and the gate of
+a document's first token gets no gradient. The initial state continues the row's first document
+(a decode prefix continues its document).
 """
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import kernels_pallas.gated_linear_attention as kernel
 from jaxllm.ops.linear_chunks import (
     check_values_and_state,
     chunk_tokens,
@@ -37,10 +46,13 @@ from jaxllm.ops.linear_chunks import (
     finish,
     initial_state_BHKV,
     inter_chunk,
+    kernel_per_device,
+    run_impl,
     scan_segments,
 )
 
-IMPLS = ("reference", "xla", "auto")
+IMPLS = ("reference", "xla", "pallas", "auto")
+# Tokens per chunk of impl="xla" (the kernel's chunk is its own, 64).
 DEFAULT_CHUNK_SIZE = 64
 # Inside a chunk, the pairs of tokens in the same sub-chunk need a [c, c, K] tensor of gate
 # products (no matmul can factor them stably); pairs across sub-chunks are matmuls.
@@ -257,8 +269,9 @@ def gated_linear_attention(
       initial_state: [B, H, K, V], the state before the first token (zeros when None).
       return_final_state: also return the state after the last token.
       chunk_size: tokens per chunk for impl="xla" (default 64; above 16 it is rounded up to
-        a multiple of 16, the sub-chunk); any T works.
-      impl: "reference" (token-by-token scan), "xla" (chunked), or "auto" (= "xla").
+        a multiple of 16, the sub-chunk); any T works. The kernel's chunk is fixed (64).
+      impl: "reference" (token-by-token scan), "xla" (chunked), "pallas" (the Pallas kernel;
+        interpreted on the CPU), or "auto" (the kernel on TPU and GPU, else "xla").
 
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32) when
@@ -282,7 +295,22 @@ def gated_linear_attention(
     C = chunk_tokens(chunk_size, DEFAULT_CHUNK_SIZE, T)
     c = min(C, SUB_CHUNK_SIZE)
     C = -(-C // c) * c
-    start_BT = None if segment_ids_BT is None else document_starts(segment_ids_BT)
-    S0_BHKV = initial_state_BHKV(initial_state, B, H, K, V)
-    o_BTHV, state_BHKV = _chunked(q, k, v, log_gate, S0_BHKV, C, c, start_BT)
-    return finish(o_BTHV, q.dtype, state_BHKV, return_final_state)
+
+    def xla(q, k, v, g, S0_BHKV, *segment_ids_BT):
+        start_BT = document_starts(*segment_ids_BT) if segment_ids_BT else None
+        o_BTHV, S_BHKV = _chunked(q, k, v, g, S0_BHKV, C, c, start_BT)
+        return o_BTHV.astype(q.dtype), S_BHKV
+
+    def pallas(*args):
+        def run(q, k, v, g, S0_BHKV, segment_ids_BT=None):
+            return kernel.gated_linear_attention(
+                q, k, v, g, initial_state=S0_BHKV, return_final_state=True,
+                segment_ids=segment_ids_BT,
+            )  # fmt: skip
+
+        return kernel_per_device(run, *args)
+
+    args = (q, k, v, log_gate, initial_state_BHKV(initial_state, B, H, K, V))
+    args += () if segment_ids_BT is None else (segment_ids_BT,)
+    o_BTHV, S_BHKV = run_impl(impl, xla, pallas, args, kernel.gpu_available)
+    return finish(o_BTHV, q.dtype, S_BHKV, return_final_state)

@@ -20,8 +20,9 @@ Three ways to compute it, equal in exact arithmetic:
   from a CPU host gets the kernel. Every path differentiates log_decay (a learned decay, as
   LCSM's, trains the same on every platform).
   On a mesh (under `jaxllm.parallel.core.rules.use_rules`) the kernel runs inside a `shard_map`
-  (`kernel_per_device`: XLA cannot partition a Mosaic or Triton call), batch rows split over
-  the token axes and heads over `tensor`; `lightning_attention_packed` shares it.
+  (`linear_chunks.kernel_per_device`: XLA cannot partition a Mosaic or Triton call), batch
+  rows split over the token axes and heads over `tensor`; `lightning_attention_packed` shares
+  it.
 
 Every decay factor is λ^j with j ≥ 0, computed as exp(j·log λ); nothing is ever factored as
 k·λ^{−j}, which overflows for strong decay. The official TNL slopes give λ_h = exp(−s_h);
@@ -30,7 +31,6 @@ fla's `chunk_lightning_attn` uses another per-layer schedule, so callers pass lo
 
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import kernels_pallas.lightning_attention as kernel
 from jaxllm.ops.linear_chunks import (
@@ -40,13 +40,12 @@ from jaxllm.ops.linear_chunks import (
     finish,
     initial_state_BHKV,
     inter_chunk,
+    kernel_per_device,
     key_decay_NCH,
     query_decay_CH,
     run_impl,
     scan_segments,
 )
-from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
-from jaxllm.parallel.core.per_device import per_device
 
 IMPLS = ("reference", "xla", "pallas", "auto")
 # Measured fwd+bwd on an H100 (B2 H16 K=V=128, bf16 in, T 8K/32K): C=128 is 1.3x faster than
@@ -171,27 +170,6 @@ def _chunked(q, k, v, g_H, S0_BHKV, C):
     return o_BTHV, S_BHKV
 
 
-def kernel_per_device(fn, q, k, v, g_H, S0_BHKV, segment_ids=None):
-    """fn(q, k, v, g_H, S0[, segment_ids]) → (o, S), a Pallas call, once per device.
-
-    XLA cannot partition a Mosaic (or Triton) custom call, so when a mesh is active (under
-    `use_rules`) fn runs inside a `shard_map` over the axes no enclosing one has made manual
-    (`map_mesh`: all of them at the top level; inside the FP8 all-reduce's per-replica map,
-    all but `data`): batch rows split over the token axes, heads over `tensor` (rows and heads
-    are independent; each split only where it divides the dim). Where no axis of size > 1 is
-    left automatic (no mesh, or inside sequence parallelism's map) fn is called as it is.
-    """
-    args = (q, k, v, g_H, S0_BHKV) + (() if segment_ids is None else (segment_ids,))
-    dm = per_device()
-    if dm is None or not dm.splits:
-        return fn(*args)
-    b = dm.axes(BATCH_AXES, q.shape[0])
-    h = dm.axes(HEAD_AXES, q.shape[2])
-    x, s = P(b, None, h, None), P(b, h, None, None)
-    specs = (x, x, x, P(h), s, P(b, None))[: len(args)]
-    return dm(fn, in_specs=specs, out_specs=(x, s))(*args)
-
-
 def lightning_attention(
     q,
     k,
@@ -251,5 +229,5 @@ def lightning_attention(
         return kernel_per_device(run, *args)
 
     args = (q, k, v, g_H, initial_state_BHKV(initial_state, B, H, K, V))
-    o_BTHV, state_BHKV = run_impl(impl, xla, pallas, args)
+    o_BTHV, state_BHKV = run_impl(impl, xla, pallas, args, kernel.gpu_available)
     return finish(o_BTHV, q.dtype, state_BHKV, return_final_state)

@@ -21,7 +21,7 @@ row's first document (a decode prefix continues the same document).
   from a CPU host included) or for CUDA (when the GPU kernel imports) and the chunked form
   elsewhere. Every path differentiates log_decay. On a mesh (under
   `jaxllm.parallel.core.rules.use_rules`) it runs inside a `shard_map`, as the unpacked op's kernel
-  (`jaxllm.ops.lightning_attention.kernel_per_device`).
+  (`jaxllm.ops.linear_chunks.kernel_per_device`).
 """
 
 import jax.numpy as jnp
@@ -29,13 +29,13 @@ import numpy as np
 from jax import lax
 
 import kernels_pallas.lightning_attention as kernel
-from jaxllm.ops.lightning_attention import kernel_per_device
 from jaxllm.ops.linear_chunks import (
     causal_decay_HCS,
     chunk_tokens,
     finish,
     initial_state_BHKV,
     inter_chunk,
+    kernel_per_device,
     key_decay_NCH,
     query_decay_CH,
     run_impl,
@@ -169,5 +169,5 @@ def lightning_attention_packed(
 
     S0_BHKV = initial_state_BHKV(initial_state, B, H, K, v.shape[-1])
     args = (q, k, v, _log_decay_H(log_decay, H), S0_BHKV, segment_ids)
-    o_BTHV, S_BHKV = run_impl(impl, xla, pallas, args)
+    o_BTHV, S_BHKV = run_impl(impl, xla, pallas, args, kernel.gpu_available)
     return finish(o_BTHV, q.dtype, S_BHKV, return_final_state)

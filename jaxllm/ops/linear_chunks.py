@@ -6,14 +6,18 @@ The chunked forms cut T into chunks of C tokens (the tail zero-padded), group th
 segments scanned with remat (`scan_segments`), and inside a segment do every chunk's
 intra-chunk part at once; only the inter-chunk state S_{n+1} = a_n S_n + M_n is sequential
 (`inter_chunk`). Shapes: q, k [B, T, H, K], v [B, T, H, V], states [B, H, K, V] float32.
+Beside it, what both ops do around their Pallas kernels: the choice by impl and platform
+(`run_impl`) and the per-device `shard_map` on a mesh (`kernel_per_device`).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-import kernels_pallas.lightning_attention as kernel
+from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
+from jaxllm.parallel.core.per_device import per_device
 
 
 def check_values_and_state(q, v, initial_state):
@@ -124,13 +128,37 @@ def inter_chunk(S_BHKV, a_NBHKV, M_BNHKV, q_in_BNCHK):
     return S_BHKV, jnp.einsum("BNCHK,NBHKV->BNCHV", q_in_BNCHK, S_NBHKV)
 
 
-def run_impl(impl, xla, pallas, args):
+def kernel_per_device(fn, q, k, v, decay, S0_BHKV, segment_ids=None):
+    """fn(q, k, v, decay, S0[, segment_ids]) → (o, S), a Pallas call, once per device; decay is
+    a per-head log decay [H] (lightning) or per-token log gates [B, T, H, K] (GLA).
+
+    XLA cannot partition a Mosaic (or Triton) custom call, so when a mesh is active (under
+    `use_rules`) fn runs inside a `shard_map` over the axes no enclosing one has made manual
+    (`map_mesh`: all of them at the top level; inside the FP8 all-reduce's per-replica map,
+    all but `data`): batch rows split over the token axes, heads over `tensor` (rows and heads
+    are independent; each split only where it divides the dim). Where no axis of size > 1 is
+    left automatic (no mesh, or inside sequence parallelism's map) fn is called as it is.
+    """
+    args = (q, k, v, decay, S0_BHKV) + (() if segment_ids is None else (segment_ids,))
+    dm = per_device()
+    if dm is None or not dm.splits:
+        return fn(*args)
+    b = dm.axes(BATCH_AXES, q.shape[0])
+    h = dm.axes(HEAD_AXES, q.shape[2])
+    x, s = P(b, None, h, None), P(b, h, None, None)
+    decay_spec = P(h) if decay.ndim == 1 else x
+    specs = (x, x, x, decay_spec, s, P(b, None))[: len(args)]
+    return dm(fn, in_specs=specs, out_specs=(x, s))(*args)
+
+
+def run_impl(impl, xla, pallas, args, gpu_available):
     """xla(*args) or pallas(*args) by impl; "auto" takes the kernel where the computation is
-    lowered for TPU, or for CUDA when the GPU kernel imports, and xla elsewhere."""
+    lowered for TPU, or for CUDA when the op's GPU kernel imports (`gpu_available()`, its
+    kernel package's, asked only for "auto"), and xla elsewhere."""
     if impl == "xla":
         return xla(*args)
     if impl == "pallas":
         return pallas(*args)
     # platform_dependent lowers only the branch of the platform being compiled for.
-    gpu = pallas if kernel.gpu_available() else xla
+    gpu = pallas if gpu_available() else xla
     return lax.platform_dependent(*args, tpu=pallas, cuda=gpu, default=xla)

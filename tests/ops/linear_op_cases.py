@@ -103,10 +103,12 @@ class LinearOpCases:
     decay_per_token = False
     bf16_packed = False
     # (B, T, H, K, V, chunk_size, segment_tokens, strength), compared with the reference:
-    # `cases` by impl="xla", `kernel_cases` by impl="pallas", `packed_cases` with segment ids.
+    # `cases` by impl="xla", `kernel_cases` by impl="pallas", `packed_cases` with segment ids
+    # by impl="xla", `packed_kernel_cases` with segment ids by impl="pallas".
     cases = ()
     kernel_cases = ()
     packed_cases = ()
+    packed_kernel_cases = ()
     # the decay strengths of the property test; `strength` for the single-shape tests
     strengths = ()
     strength = None
@@ -114,9 +116,11 @@ class LinearOpCases:
 
     @classmethod
     def case_lists(cls):
-        """Read by tests/ops/conftest.py: each test's `case`, `kernel_case`, `packed_case`."""
+        """Read by tests/ops/conftest.py: each test's `case`, `kernel_case`, `packed_case`,
+        `packed_kernel_case`."""
         return {"case": cls.cases, "kernel_case": cls.kernel_cases,
-                "packed_case": cls.packed_cases}  # fmt: skip
+                "packed_case": cls.packed_cases,
+                "packed_kernel_case": cls.packed_kernel_cases}  # fmt: skip
 
     def decay(self, key, B, T, H, K, strength):
         raise NotImplementedError
@@ -166,6 +170,10 @@ class LinearOpCases:
     def test_packed_rows_match_reference(self, packed_case):
         """Segment ids: resets inside and at chunk boundaries, one-token documents, padding."""
         self.compare(packed_case, "xla", seg_fn=self.segment_ids)
+
+    def test_packed_kernel_matches_reference(self, packed_kernel_case):
+        """impl="pallas" on packed rows: the kernel's exact resets, every gradient included."""
+        self.compare(packed_kernel_case, "pallas", seg_fn=self.segment_ids)
 
     def test_bfloat16_inputs(self):
         q, k, v, decay, S0, do, dS = self.inputs(2, 70, 2, 16, 16, self.strength, jnp.bfloat16)

@@ -1,5 +1,5 @@
-"""Gated linear attention: the shared op suite (chunked against the scan reference, packed
-rows included, `tests/ops/linear_op_cases.py`), and what is this op's own: its definition,
+"""Gated linear attention: the shared op suite (chunked and kernel against the scan reference,
+packed rows included, `tests/ops/linear_op_cases.py`), and what is this op's own: its definition,
 gates of −20 per step, packed rows against their documents run alone and a reset that leaks
 nothing, and argument checks. Tolerances as the suite's (fla's policy: float32 ratio 1e-5).
 Never loosen these to make a test pass. Gate strength as in fla's tests: log_gate =
@@ -14,14 +14,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.ops.gated_linear_attention import (
     gated_linear_attention,
     gated_linear_attention_reference,
     gated_linear_attention_step,
 )
+from jaxllm.parallel.core.mesh import make_mesh
+from jaxllm.parallel.core.rules import use_rules
 from tests.helpers import assert_close
-from tests.ops.linear_op_cases import F32_RATIO, NAMES, LinearOpCases, outputs_and_grads
+from tests.ops.linear_op_cases import (
+    F32_RATIO,
+    NAMES,
+    LinearOpCases,
+    outputs_and_grads,
+    packed_ids,
+)
 
 # The module itself (the package's attribute of this name is the function).
 gla_module = importlib.import_module("jaxllm.ops.gated_linear_attention")
@@ -64,8 +74,14 @@ class TestGatedLinearAttention(LinearOpCases):
         (1, 100, 2, 8, 8, 32, 64, 1.0),
         (1, 77, 2, 8, 4, 7, 21, 1.0),
     )
+    # The kernel (its chunk is 64, interpreted on the CPU): an odd T in one chunk, and three
+    # chunks with K ≠ V (both padded to 64) and weak gates.
+    kernel_cases = ((2, 63, 2, 8, 6, None, None, 1.0), (1, 130, 2, 16, 8, None, None, 10.0))
     # PACKED_LENGTHS' rows, by chunks of 8 in segments of 16 tokens and by one chunk of 32
     packed_cases = ((2, 37, 2, 8, 4, 8, 16, 1.0), (2, 37, 2, 8, 4, 32, None, 1.0))
+    # PACKED_LENGTHS' rows in one kernel chunk; `packed_ids` rows over three chunks (resets in
+    # each, one-token documents, padding after the last document)
+    packed_kernel_cases = ((2, 37, 2, 8, 4, None, None, 1.0), (2, 130, 2, 8, 4, None, None, 1.0))
     strengths = (1.0, 0.05, 10.0)
     strength = 1.0
     chunks = (1, 5, 16, 48, None)
@@ -74,8 +90,9 @@ class TestGatedLinearAttention(LinearOpCases):
         return jax.nn.log_sigmoid(jax.random.normal(key, (B, T, H, K))) / normalizer
 
     def segment_ids(self, B, T):
-        assert (B, T) == (2, 37)
-        return _packed_ids(PACKED_LENGTHS)
+        if (B, T) == (2, 37):
+            return _packed_ids(PACKED_LENGTHS)
+        return packed_ids(B, T, seed=T)
 
 
 def _inputs(B, T, H, K, V, normalizer, dtype=jnp.float32, seed=0):
@@ -162,7 +179,7 @@ def test_packed_rows_equal_documents_run_alone():
         assert_close(name, r, x, F32_RATIO)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_packed_reset_leaks_nothing(impl):
     """A first document whose state is ~1e30 leaves no trace in the next ones (a reset that
     only scaled it by e^−40 would add ~4e12), and the forward matches documents run alone."""
@@ -183,7 +200,7 @@ def test_packed_reset_leaks_nothing(impl):
 def test_bad_arguments_are_rejected():
     q, k, v, g, _, _, _ = _inputs(1, 8, 2, 4, 3, 1.0)
     with pytest.raises(ValueError, match="impl must be one of"):
-        attention(q, k, v, g, impl="pallas")
+        attention(q, k, v, g, impl="triton")
     with pytest.raises(ValueError, match="log_gate"):
         attention(q, k, v, g[..., :3])
     with pytest.raises(ValueError, match="initial_state"):
@@ -194,3 +211,24 @@ def test_bad_arguments_are_rejected():
         attention(q, k, v, g, chunk_size=0)
     with pytest.raises(ValueError, match="segment_ids_BT"):
         attention(q, k, v, g, segment_ids_BT=jnp.zeros((1, 7), jnp.int32))
+
+
+def test_kernel_on_a_mesh_matches_reference():
+    """Under `use_rules` on a data × fsdp × tensor mesh the kernel runs in a `shard_map`
+    (`linear_chunks.kernel_per_device`), rows and their gates over data × fsdp, heads over
+    tensor; packed rows, every gradient (the gates' included) as the reference's."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
+    q, k, v, g, S0, do, dS = _inputs(4, 70, 2, 8, 4, 1.0)
+    seg = packed_ids(4, 70, seed=3)
+    rows_heads = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+    q, k, v, g, do = (jax.device_put(x, rows_heads) for x in (q, k, v, g, do))
+    kw = dict(op=_op, module=gla_module)
+    want = outputs_and_grads(q, k, v, g, S0, seg, do, dS, impl="reference", **kw)
+    with use_rules(mesh):
+        got = outputs_and_grads(q, k, v, g, S0, seg, do, dS, impl="pallas", **kw)
+        jaxpr = str(
+            jax.make_jaxpr(functools.partial(_op, segment_ids=seg, impl="pallas"))(q, k, v, g)
+        )
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    for name, r, x in zip(NAMES, jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert_close(name, r, x, F32_RATIO)
