@@ -25,8 +25,7 @@ Backward, with dA = (dO Vᵀ) ⊙ mask and dP the cotangent of the state leaving
     dP  ← dP ⊙ exp(b_l) + dOᵀ (q ⊙ exp(b))
 
 where the key-side split uses r = the last row of the key's sub-chunk. The gates' gradient is
-not formed here: with B the sequence-wide cumulative sum, dL/dB_t = q_t ⊙ dq_t − k_t ⊙ dk_t
-(+ Σ_V dS_T ⊙ S_T at the last token), and dg is its reverse cumulative sum (api.py).
+not formed here but in api.py, from dq, dk and `state_product` at anchors.
 
 Packed documents (`doc`, the masks of `kernels_pallas.documents`): pairs of different
 documents are masked on A and dA, the incoming state reaches only the chunk's first document
@@ -77,6 +76,12 @@ def _gate(b_later, b_earlier, keep):
     """exp(b_later − b_earlier) where keep (the pair is ordered), else 0: the exponent is
     clamped at 0 first, so the pairs left out cannot overflow."""
     return jnp.where(keep, jnp.exp(jnp.minimum(b_later - b_earlier, 0.0)), 0.0)
+
+
+def state_product(S_VK, dS_VK):
+    """Σ_V S ⊙ dS [1, K]: the gradient of the log gates summed over every token after the
+    state S (api.py's anchors)."""
+    return jnp.sum(S_VK * dS_VK, axis=0, keepdims=True)
 
 
 class Documents:

@@ -33,6 +33,7 @@ from kernels_pallas.gated_linear_attention.chunk import (
     dkv_chunk,
     dq_chunk,
     forward_chunk,
+    state_product,
 )
 from kernels_pallas.vma import out_shape
 
@@ -41,6 +42,15 @@ from kernels_pallas.vma import out_shape
 # consumer parts 99 KiB).
 BLOCK_V = ((("H100", "H200", "H800", "GH200", "B200", "B100", "GB200"), 64),)
 FALLBACK_BLOCK_V = 32
+# The gates' gradient is anchored every SEGMENT_CHUNKS chunks (api.py): the dq sweep writes the
+# state there, [B·H, T/256, V, K] float32 (as many bytes per token as bf16 q at K = V = 128).
+SEGMENT_CHUNKS = 4
+
+
+def segments(T):
+    """How many anchored segments of SEGMENT_CHUNKS chunks T tokens make (the last may be
+    short)."""
+    return -(-T // (SEGMENT_CHUNKS * CHUNK))
 
 
 def default_block_v(device_kind):
@@ -94,11 +104,24 @@ def _documents(mask_refs, t0):
     return Documents(same, col(in_ref), col(out_ref), CHUNK)
 
 
-def _sweep(chunk_fn, refs, mask_refs, carry, n_chunks, reverse):
+def _sweep(chunk_fn, refs, mask_refs, carry, n_chunks, reverse, at_anchor=None):
+    """chunk_fn over the chunks, carrying the state (or its cotangent); at_anchor(segment,
+    carry) runs where that carry is the state leaving a segment (or its cotangent): after the
+    segment's last chunk going forwards, before it going backwards."""
+
     def body(step, carry):
-        t0 = pl.multiple_of((n_chunks - 1 - step if reverse else step) * CHUNK, CHUNK)
+        n = n_chunks - 1 - step if reverse else step
+        # The segment's last chunk (one comparison: Triton's lowering mixes up i1 and i32 in a
+        # logical_or of two).
+        anchor = n == jnp.minimum((n // SEGMENT_CHUNKS + 1) * SEGMENT_CHUNKS, n_chunks) - 1
+        if reverse and at_anchor is not None:
+            pl.when(anchor)(lambda: at_anchor(n // SEGMENT_CHUNKS, carry))
+        t0 = pl.multiple_of(n * CHUNK, CHUNK)
         load, store = _io(refs, t0)
-        return chunk_fn(load, store, carry, _documents(mask_refs, t0))
+        carry = chunk_fn(load, store, carry, _documents(mask_refs, t0))
+        if not reverse and at_anchor is not None:
+            pl.when(anchor)(lambda: at_anchor(n // SEGMENT_CHUNKS, carry))
+        return carry
 
     return lax.fori_loop(0, n_chunks, body, carry)
 
@@ -115,16 +138,29 @@ def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, packed):
 
 
 def _dq_kernel(k_ref, v_ref, b_ref, do_ref, s0_ref, *refs, packed):
-    mask_refs, (dq_ref,) = _split(refs, packed)
+    """Also writes the state leaving each segment (the gates' gradient is anchored there)."""
+    mask_refs, (dq_ref, Sa_ref) = _split(refs, packed)
     io = dict(k=k_ref, v=v_ref, b=b_ref, do=do_ref, dq=dq_ref)
-    _sweep(dq_chunk, io, mask_refs, s0_ref[...], k_ref.shape[0] // CHUNK, reverse=False)
+
+    def at_anchor(segment, P_VK):
+        Sa_ref[segment] = P_VK
+
+    n_chunks = k_ref.shape[0] // CHUNK
+    _sweep(dq_chunk, io, mask_refs, s0_ref[...], n_chunks, reverse=False, at_anchor=at_anchor)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dsT_ref, *refs, packed):
-    mask_refs, (dk_ref, dv_ref, ds0_ref) = _split(refs, packed)
+def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dsT_ref, Sa_ref, *refs, packed):
+    """Also writes Σ_V S ⊙ dS for the state leaving each segment (a partial over this V
+    tile)."""
+    mask_refs, (dk_ref, dv_ref, ds0_ref, r_ref) = _split(refs, packed)
     io = dict(q=q_ref, k=k_ref, v=v_ref, b=b_ref, do=do_ref, dk=dk_ref, dv=dv_ref)
+
+    def at_anchor(segment, dP_VK):
+        r_ref[pl.ds(segment, 1), :] = state_product(Sa_ref[segment], dP_VK)
+
     n_chunks = q_ref.shape[0] // CHUNK
-    ds0_ref[...] = _sweep(dkv_chunk, io, mask_refs, dsT_ref[...], n_chunks, reverse=True)
+    ds0_ref[...] = _sweep(dkv_chunk, io, mask_refs, dsT_ref[...], n_chunks, reverse=True,
+                          at_anchor=at_anchor)  # fmt: skip
 
 
 def _flat(x):
@@ -140,6 +176,10 @@ class _Specs:
         self.TV = pl.BlockSpec((None, T, block_v), lambda bh, iv: (bh, 0, iv))
         self.VK = pl.BlockSpec((None, block_v, K), lambda bh, iv: (bh, iv, 0))
         self.part = pl.BlockSpec((None, None, T, K), lambda bh, iv: (iv, bh, 0, 0))
+        # The state leaving each segment, and Σ_V S ⊙ dS there (a partial per V tile).
+        S = segments(T)
+        self.anchor = pl.BlockSpec((None, S, block_v, K), lambda bh, iv: (bh, 0, iv, 0))
+        self.r = pl.BlockSpec((None, None, S, K), lambda bh, iv: (iv, bh, 0, 0))
         col = pl.BlockSpec((None, T, 1), lambda bh, iv: (bh // H, 0, 0))
         row = pl.BlockSpec((None, 1, T), lambda bh, iv: (bh // H, 0, 0))
         self.masks = [col, row, col, col]
@@ -188,8 +228,9 @@ def forward(q_BHTK, k_BHTK, v_BHTV, b_BHTK, s0_BHVK, *, run_BT=None, block_v, in
 
 @functools.partial(jax.jit, static_argnames=("block_v", "interpret"))
 def backward(q, k, v, b, s0, do_BHTV, dsT_BHVK, *, run_BT=None, block_v, interpret=False):
-    """(dq, dk [B, H, T, K] float32, dv [B, H, T, V] in v's dtype, ds0 [B, H, V, K] float32);
-    arguments as `tpu.backward`."""
+    """(dq, dk [B, H, T, K] float32, dv [B, H, T, V] in v's dtype, ds0 [B, H, V, K] float32,
+    r [B, H, segments(T), K] float32); arguments as `tpu.backward`, whose r is per block of
+    block_t tokens where this one's is per SEGMENT_CHUNKS chunks."""
     _check(q, v, block_v)
     B, H, T, K = q.shape
     V = v.shape[3]
@@ -202,28 +243,30 @@ def backward(q, k, v, b, s0, do_BHTV, dsT_BHVK, *, run_BT=None, block_v, interpr
     inputs = (q, k, v, b, s0, do, dsT)
     part = out_shape((NV, B * H, T, K), jnp.float32, *inputs)
     common = dict(grid=(B * H, NV), K=K, block_v=block_v, interpret=interpret)
-    dq = _call(
+    S = segments(T)
+    dq, Sa = _call(
         functools.partial(_dq_kernel, packed=packed),
         "gated_linear_attention_bwd_dq",
         in_specs=[spec.TK, spec.TV, spec.TK, spec.TV, spec.VK, *mask_specs],
-        out_specs=spec.part,
-        out_shapes=part,
+        out_specs=[spec.part, spec.anchor],
+        out_shapes=[part, out_shape((B * H, S, V, K), jnp.float32, *inputs)],
         **common,
     )(k, v, b, do, s0, *masks)
-    dk, dv, ds0 = _call(
+    dk, dv, ds0, r = _call(
         functools.partial(_dkv_kernel, packed=packed),
         "gated_linear_attention_bwd_dkdv",
-        in_specs=[spec.TK, spec.TK, spec.TV, spec.TK, spec.TV, spec.VK, *mask_specs],
-        out_specs=[spec.part, spec.TV, spec.VK],
+        in_specs=[spec.TK, spec.TK, spec.TV, spec.TK, spec.TV, spec.VK, spec.anchor, *mask_specs],
+        out_specs=[spec.part, spec.TV, spec.VK, spec.r],
         out_shapes=[
             part,
             out_shape((B * H, T, V), v.dtype, *inputs),
             out_shape((B * H, V, K), jnp.float32, *inputs),
+            out_shape((NV, B * H, S, K), jnp.float32, *inputs),
         ],
         **common,
-    )(q, k, v, b, do, dsT, *masks)
+    )(q, k, v, b, do, dsT, Sa, *masks)
 
     def unflat(x):
         return x.reshape(B, H, *x.shape[1:])
 
-    return unflat(dq.sum(0)), unflat(dk.sum(0)), unflat(dv), unflat(ds0)
+    return unflat(dq.sum(0)), unflat(dk.sum(0)), unflat(dv), unflat(ds0), unflat(r.sum(0))

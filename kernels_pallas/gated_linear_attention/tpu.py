@@ -6,7 +6,9 @@ step loops over its chunks of `chunk.CHUNK` tokens with the math of chunk.py. Th
 are independent ("parallel", split over the TensorCores of a megacore chip). The backward pass
 is two sweeps, as the lightning kernel's: forward rebuilding P and writing dq, then reverse
 carrying dP and writing dk, dv and the initial state's cotangent. dq and dk sum over V and
-feed the gates' gradient (api.py), so each V tile writes a float32 partial.
+feed the gates' gradient (api.py), so each V tile writes a float32 partial; the gates'
+gradient is anchored at every block's end, where the forward sweep writes the state and the
+reverse sweep reads it back to write Σ_V S ⊙ dS.
 
 Inputs are head-major [B, H, T, ·] with T a multiple of block_t (itself a multiple of the
 chunk), zero-padded; b [B, H, T, K] is the chunk-local cumulative sum of the log gates, float32
@@ -35,6 +37,7 @@ from kernels_pallas.gated_linear_attention.chunk import (
     dkv_chunk,
     dq_chunk,
     forward_chunk,
+    state_product,
 )
 from kernels_pallas.vma import out_shape
 
@@ -123,7 +126,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, block_t, packed):
 
 
 def _dq_kernel(k_ref, v_ref, b_ref, do_ref, s0_ref, *refs, block_t, packed):
-    mask_refs, (dq_ref, P_scr) = _split(refs, packed)
+    """Also writes the state leaving each block (the gates' gradient is anchored there)."""
+    mask_refs, (dq_ref, Sa_ref, P_scr) = _split(refs, packed)
 
     @pl.when(pl.program_id(3) == 0)
     def _():
@@ -131,16 +135,19 @@ def _dq_kernel(k_ref, v_ref, b_ref, do_ref, s0_ref, *refs, block_t, packed):
 
     io = dict(k=k_ref, v=v_ref, b=b_ref, do=do_ref, dq=dq_ref)
     _sweep(dq_chunk, io, mask_refs, P_scr, block_t, reverse=False)
+    Sa_ref[0, 0, 0] = P_scr[...]
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dsT_ref, *refs, block_t, packed):
-    mask_refs, (dk_ref, dv_ref, ds0_ref, dP_scr) = _split(refs, packed)
+def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dsT_ref, Sa_ref, *refs, block_t, packed):
+    """Also writes Σ_V S ⊙ dS for the state leaving each block (a partial over this V tile)."""
+    mask_refs, (dk_ref, dv_ref, ds0_ref, r_ref, dP_scr) = _split(refs, packed)
     n = pl.program_id(3)
 
     @pl.when(n == 0)
     def _():
         dP_scr[...] = dsT_ref[0, 0]
 
+    r_ref[0, 0, 0, 0] = state_product(Sa_ref[0, 0, 0], dP_scr[...])
     io = dict(q=q_ref, k=k_ref, v=v_ref, b=b_ref, do=do_ref, dk=dk_ref, dv=dv_ref)
     _sweep(dkv_chunk, io, mask_refs, dP_scr, block_t, reverse=True)
 
@@ -159,6 +166,9 @@ class _Specs:
         self.TK = pl.BlockSpec((1, 1, block_t, K), lambda b, h, e, n: (b, h, blk(n), 0))
         self.TV = pl.BlockSpec((1, 1, block_t, block_v), lambda b, h, e, n: (b, h, blk(n), e))
         self.VK = pl.BlockSpec((1, 1, block_v, K), lambda b, h, e, n: (b, h, e, 0))
+        # The state leaving each block, and Σ_V S ⊙ dS there (a partial per V tile).
+        self.anchor = pl.BlockSpec((1, 1, 1, block_v, K), lambda b, h, e, n: (b, h, blk(n), e, 0))
+        self.r = pl.BlockSpec((1, 1, 1, 1, 1, K), lambda b, h, e, n: (e, b, h, blk(n), 0, 0))
         # A float32 partial of dq or dk per V tile.
         self.part = pl.BlockSpec((1, 1, 1, block_t, K), lambda b, h, e, n: (e, b, h, blk(n), 0))
         col = pl.BlockSpec((1, block_t, 1), lambda b, h, e, n: (b, blk(n), 0))
@@ -221,9 +231,10 @@ def forward(q_BHTK, k_BHTK, v_BHTV, b_BHTK, s0_BHVK, *, run_BT=None, block_t, bl
 @functools.partial(jax.jit, static_argnames=("block_t", "block_v", "interpret"))
 def backward(q, k, v, b, s0, do_BHTV, dsT_BHVK, *, run_BT=None, block_t, block_v,
              interpret=False):  # fmt: skip
-    """(dq, dk [B, H, T, K] float32, dv [B, H, T, V] in v's dtype, ds0 [B, H, V, K] float32):
-    the cotangents of `forward`'s q, k, v and s0 given do [B, H, T, V] and the final state's
-    cotangent dsT [B, H, V, K]. The gates' gradient is formed from dq and dk (api.py)."""
+    """(dq, dk [B, H, T, K] float32, dv [B, H, T, V] in v's dtype, ds0 [B, H, V, K] float32,
+    r [B, H, T/block_t, K] float32): the cotangents of `forward`'s q, k, v and s0 given
+    do [B, H, T, V] and the final state's cotangent dsT [B, H, V, K], and Σ_V S ⊙ dS for the
+    state leaving each block, from which with dq and dk api.py forms the gates' gradient."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     _check(T, V, block_t, block_v)
@@ -237,28 +248,38 @@ def backward(q, k, v, b, s0, do_BHTV, dsT_BHVK, *, run_BT=None, block_t, block_v
     kw = dict(block_t=block_t, packed=packed)
 
     spec = _Specs(K, block_t, block_v, NB, reverse=False)
-    dq = _call(
+    dq, Sa = _call(
         functools.partial(_dq_kernel, **kw),
         grid,
         [spec.TK, spec.TV, spec.TK, spec.TV, spec.VK, *(spec.masks if packed else [])],
-        spec.part,
-        part,
+        [spec.part, spec.anchor],
+        [part, out_shape((B, H, NB, V, K), jnp.float32, *inputs)],
         state,
         interpret,
     )(k, v, b, do_BHTV, s0, *masks)
 
     spec = _Specs(K, block_t, block_v, NB, reverse=True)
-    dk, dv, ds0 = _call(
+    dk, dv, ds0, r = _call(
         functools.partial(_dkv_kernel, **kw),
         grid,
-        [spec.TK, spec.TK, spec.TV, spec.TK, spec.TV, spec.VK, *(spec.masks if packed else [])],
-        [spec.part, spec.TV, spec.VK],
+        [
+            spec.TK,
+            spec.TK,
+            spec.TV,
+            spec.TK,
+            spec.TV,
+            spec.VK,
+            spec.anchor,
+            *(spec.masks if packed else []),
+        ],
+        [spec.part, spec.TV, spec.VK, spec.r],
         [
             part,
             out_shape((B, H, T, V), v.dtype, *inputs),
             out_shape((B, H, V, K), jnp.float32, *inputs),
+            out_shape((NV, B, H, NB, 1, K), jnp.float32, *inputs),
         ],
         state,
         interpret,
-    )(q, k, v, b, do_BHTV, dsT_BHVK, *masks)
-    return dq.sum(0), dk.sum(0), dv, ds0
+    )(q, k, v, b, do_BHTV, dsT_BHVK, Sa, *masks)
+    return dq.sum(0), dk.sum(0), dv, ds0, r.sum(0)[:, :, :, 0]
