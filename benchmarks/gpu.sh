@@ -8,6 +8,11 @@
 #   5 hgrn2_8k     the same for hgrn2-1b (its GLA kernel)
 #   6 moe          benchmarks/moe.py, 16K tokens, D 2048, E 8 top-2, F 2816, bf16
 #   7 gpu_tests    pytest -m gpu over the test files that carry the marker
+# and, only when named in --parts (a second call: fla autotunes for minutes on first calls):
+#   8 peers_jax    benchmarks/peers.py: jaxllm's lightning and GLA kernels vs jla's (Mosaic GPU)
+#   9 peers_torch  benchmarks/peers_torch.py: fla's chunk_simple_gla and chunk_gla, same table
+#                  (both need the flash-linear-attention, fla-core, jax-linear-attention wheels
+#                  in .whl)
 # Each part runs under its own `timeout` (capped by what is left of the budget); a failing part
 # is recorded (exit code, last lines of its log) and the pass goes on. After every part the
 # folder holds summary.md (the markdown tables), summary.json and logs.tar.gz (each part's log
@@ -189,7 +194,8 @@ if ((SMOKE)); then
   MOE=(--tokens 512 --d-model 64 --experts 8 --top-k 2 --expert-d-ff 128 --dtype bfloat16
     --iters 2 --ep 1)
   HGRN2=(hgrn2-1b model.scan_layers=true "${TINY[@]}" --seq-len 128 --batch 1 --steps 2)
-  CAP=(400 300 300 300 300 300 300)
+  PEERS=(--lengths 128 --batch 1 --heads 2 --head-dim 64 --rounds 2)
+  CAP=(400 300 300 300 300 300 300 300 300)
 else
   KERNELS=(--lengths 2048 8192 32768 65536 --batch 4 --heads 32 --head-dim 128 --gemm 8192
     --rounds 5)
@@ -199,7 +205,8 @@ else
   MOE=(--tokens 16384 --d-model 2048 --experts 8 --top-k 2 --expert-d-ff 2816 --dtype bfloat16
     --iters 10 --ep 1)
   HGRN2=(hgrn2-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
-  CAP=(170 75 75 90 90 90 60)
+  PEERS=(--lengths 2048 8192 32768 --batch 4 --heads 32 --head-dim 128 --rounds 5)
+  CAP=(170 75 75 90 90 90 60 150 300)
 fi
 read -r -a LLAMA_SET <<<"${JAXLLM_GPU_LLAMA_SET:-}"
 
@@ -224,6 +231,11 @@ elif [[ ,$PARTS, == *,gpu_tests,* ]]; then
   echo "no test file under tests/ carries pytest.mark.gpu" >"$RAW/gpu_tests.log"
   printf '%s\tnone\t\t0\t-\n' gpu_tests >>"$STATUS"
 fi
+
+run_part peers_jax "${CAP[7]}" "$PY" benchmarks/peers.py "${PEERS[@]}" \
+  --dump "$RAW/peers_ref.npz" --out "$RAW/peers_jax.json"
+run_part peers_torch "${CAP[8]}" "$PY" benchmarks/peers_torch.py "${PEERS[@]}" \
+  --dump "$RAW/peers_ref.npz" --out "$RAW/peers_torch.json"
 
 summarize --print
 log "done in $(($(date +%s) - START))s: $OUT_DIR/summary.md, summary.json, logs.tar.gz"

@@ -24,6 +24,8 @@ TITLES = {
     "hgrn2_8k": "hgrn2-1b train step, T 8192",
     "moe": "MoE layer (benchmarks/moe.py)",
     "gpu_tests": "pytest -m gpu",
+    "peers_jax": "linear-attention peers in JAX (benchmarks/peers.py)",
+    "peers_torch": "fla's kernels (benchmarks/peers_torch.py)",
 }
 ATTENTION = {"pallas": "lightning kernel", "xla": "XLA chunked", "softmax": "cuDNN flash softmax"}
 GLA = {"pallas": "GLA kernel", "xla": "XLA chunked"}
@@ -102,6 +104,27 @@ def kernels_md(data: dict) -> list[str]:
             out.append(f"| {row['n']} | " + " | ".join(cells) + " |")
         out.append("")
     return out
+
+
+def peers_md(tables: list[dict]) -> list[str]:
+    """One table of peers.py's and peers_torch.py's rows (same shapes and timing), by T."""
+    names = [n for t in tables for n in t.get("accuracy", {}) if any(n in r for r in t["rows"])]
+    by_T: dict[int, dict] = {}
+    for t in tables:
+        for row in t["rows"]:
+            by_T.setdefault(row["T"], {}).update(row)
+    acc = {n: a for t in tables for n, a in t.get("accuracy", {}).items()}
+
+    def cell(r):
+        return f"{r['ms']:.2f} ({r['ns_per_token']:.1f})" if "ms" in r else "error"
+
+    out = ["Forward + backward, ms (ns/token); last row: worst RMS ratio vs float32.", ""]
+    out.append("| T | " + " | ".join(names) + " |")
+    out.append("|---" * (len(names) + 1) + "|")
+    for T, row in sorted(by_T.items()):
+        out.append(f"| {T} | " + " | ".join(cell(row.get(n, {})) for n in names) + " |")
+    out.append("| accuracy | " + " | ".join(f"{acc[n]:.2e}" for n in names) + " |")
+    return [*out, ""]
 
 
 def _op_table(title: str, rows: list[dict], ops: dict, versus: str) -> list[str]:
@@ -238,6 +261,12 @@ def summarize(raw: Path) -> tuple[str, dict]:
         if data:
             results["moe"] = data
             md += ["## MoE layer", "", *moe_md(data)]
+
+    peers = [read_json(raw / f"{p}.json") for p in ("peers_jax", "peers_torch") if p in done]
+    peers = [p for p in peers if p]
+    if peers:
+        results["peers"] = peers
+        md += ["## Linear-attention peers", "", *peers_md(peers)]
 
     if "gpu_tests" in done:
         res = tests_result(raw / "gpu_tests.xml")
