@@ -4,10 +4,9 @@ S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = q_t S_t per batch element and
 log gate per key channel, no 1/√K scaling: the function of
 `jaxllm.ops.gated_linear_attention` (its oracle) and of fla's `chunk_gla` with scale=1.
 
-As the lightning kernel's entry point (`kernels_pallas.lightning_attention.api`, whose
-docstring says why `lax.platform_dependent` sits inside the custom_vjp's rules): the TPU
-kernel (tpu.py, Mosaic) where the computation is lowered for TPU, the GPU kernel (gpu.py,
-Triton) for CUDA, the TPU kernel in interpret mode elsewhere (the CPU).
+The kernel is chosen by the platform the computation is lowered for
+(`kernels_pallas.dispatch`): Mosaic (tpu.py) on TPU, Triton (gpu.py) on CUDA, the TPU kernel
+in interpret mode elsewhere (the CPU).
 
 Here, outside the kernels: the chunk-local cumulative sums b of the log gates (chunk.py), and
 the gates' gradient. Every factor of the forward is exp(B_t − B_s) for the sequence-wide
@@ -29,33 +28,23 @@ document's first token is unused (the state it would decay is reset) and gets ex
 
 import dataclasses
 import functools
-import importlib
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels_pallas.dispatch import check_backend, dispatch, gpu_module, pad_T, round_up
 from kernels_pallas.documents import document_runs
 from kernels_pallas.gated_linear_attention import tpu
 from kernels_pallas.gated_linear_attention.chunk import CHUNK
 
-BACKENDS = (None, "tpu", "gpu")
-
-
-@functools.cache
-def _gpu_module():
-    try:
-        return importlib.import_module("kernels_pallas.gated_linear_attention.gpu")
-    except Exception as e:  # a missing file, or an import-time failure of the Triton backend
-        warnings.warn(f"gated linear attention GPU kernel unavailable ({e!r})", stacklevel=2)
-        return None
+PACKAGE = "kernels_pallas.gated_linear_attention"
 
 
 def gpu_available() -> bool:
     """Whether the GPU kernel (gpu.py) imports; without it CUDA falls back to interpret mode."""
-    return _gpu_module() is not None
+    return gpu_module(PACKAGE) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +55,10 @@ class _Config:
     interpret: Any
 
 
-def _round_up(n, m):
-    return -(-n // m) * m
-
-
 def _head_size(n):
     """K and V are zero-padded to a power of two ≥ 64 (Triton's tiles are powers of two; zero
     channels of q, k, v and the state contribute nothing, their gates are 0)."""
     return max(64, 1 << (n - 1).bit_length())
-
-
-def _pad_T(x, T):
-    return jnp.pad(x, ((0, 0), (0, 0), (0, T - x.shape[2]), (0, 0)))
 
 
 def _pad_run(run_BT, T):
@@ -114,7 +95,7 @@ def _run(kernel, args, T_pad, segment=None, **kw):
     outputs are (dq, dk, dv, ds0, dg), with the gates' gradient anchored every `segment`
     tokens."""
     T = args[0].shape[2]
-    args = [_pad_T(x, T_pad) if i in (0, 1, 2, 3, 6) else x for i, x in enumerate(args)]
+    args = [pad_T(x, T_pad) if i in (0, 1, 2, 3, 6) else x for i, x in enumerate(args)]
     run = _pad_run(args.pop(5), T_pad)
     out = kernel(*args, run_BT=run, **kw)
     if len(args) == 5:  # forward: (o, final state)
@@ -124,39 +105,24 @@ def _run(kernel, args, T_pad, segment=None, **kw):
     return (*(x[:, :, :T] for x in (dq, dk, dv)), ds0, dg[:, :, :T])
 
 
-def _run_tpu(cfg, interpret, fn, *args):
+def _run_tpu(cfg, fn, interpret, *args):
     T, V = args[0].shape[2], args[2].shape[-1]
     block_t = min(cfg.block_t or tpu.DEFAULT_BLOCK_T, T)
     block_v = _block_v(cfg, V, 256)
-    return _run(getattr(tpu, fn), args, _round_up(T, block_t), block_t, block_t=block_t,
+    return _run(getattr(tpu, fn), args, round_up(T, block_t), block_t, block_t=block_t,
                 block_v=block_v, interpret=interpret)  # fmt: skip
 
 
-def _run_gpu(cfg, interpret, fn, *args):
-    gpu = _gpu_module()
-    if gpu is None:
-        return _run_tpu(cfg, True if interpret is False else interpret, fn, *args)
+def _run_gpu(cfg, fn, gpu, interpret, *args):
     block_v = _block_v(cfg, args[2].shape[-1], gpu.default_block_v(jax.devices()[0].device_kind))
-    # The TPU interpreter's params cannot run a Triton kernel: the generic interpreter can.
-    interpret = interpret if isinstance(interpret, bool) else True
     return _run(getattr(gpu, fn), args, args[0].shape[2], gpu.SEGMENT_CHUNKS * CHUNK,
                 block_v=block_v, interpret=interpret)  # fmt: skip
 
 
 def _dispatch(cfg, fn, *args):
-    if cfg.interpret not in (None, False):
-        run = _run_gpu if cfg.backend == "gpu" else _run_tpu
-        return run(cfg, cfg.interpret, fn, *args)
-    if cfg.backend == "tpu":
-        return _run_tpu(cfg, False, fn, *args)
-    if cfg.backend == "gpu":
-        return _run_gpu(cfg, False, fn, *args)
-    return lax.platform_dependent(
-        *args,
-        tpu=functools.partial(_run_tpu, cfg, False, fn),
-        cuda=functools.partial(_run_gpu, cfg, False, fn),
-        default=functools.partial(_run_tpu, cfg, True, fn),
-    )
+    """fn ("forward" or "backward") of the kernel for the lowering platform."""
+    run_tpu, run_gpu = (functools.partial(run, cfg, fn) for run in (_run_tpu, _run_gpu))
+    return dispatch(PACKAGE, cfg.backend, cfg.interpret, run_tpu, run_gpu, *args)
 
 
 def _chunk_cumsum(g_BHTK):
@@ -222,8 +188,7 @@ def gated_linear_attention(
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if q_BTHK.ndim != 4 or not q_BTHK.shape == k_BTHK.shape == log_gate_BTHK.shape:
         raise ValueError(
             "q, k and log_gate must all be [B, T, H, K], got "
@@ -244,7 +209,7 @@ def gated_linear_attention(
         if segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
         run = document_runs(segment_ids)
-    Tp, Kp, Vp = _round_up(T, CHUNK), _head_size(K), _head_size(V)
+    Tp, Kp, Vp = round_up(T, CHUNK), _head_size(K), _head_size(V)
 
     def head_major(x, X, dtype):
         x = jnp.swapaxes(x.astype(dtype), 1, 2)

@@ -3,17 +3,9 @@
 S_t = λ S_{t−1} + k_tᵀ v_t, o_t = q_t S_t per batch element and head, λ = exp(log_decay_h),
 no 1/√K scaling; the same function as `jaxllm.ops.lightning_attention` (its oracle).
 
-Which kernel runs is decided by the platform the computation is *lowered* for, not by
-`jax.default_backend()`: an ahead-of-time compile for a TPU topology is traced on a CPU host,
-and must still get the Mosaic kernel. `lax.platform_dependent` traces every branch but lowers
-only the one for the lowering platform, so it sits inside the custom_vjp's forward and
-backward rules (a custom_vjp is lowered after differentiation, and platform_dependent composes
-with jit, vmap and grad like any `cond`):
-- TPU: `tpu.py` (Mosaic);
-- CUDA: `gpu.py` (the Triton lowering), imported lazily; where it is missing or fails to
-  import, the TPU kernel in interpret mode (correct but slow: `gpu_available()` tells callers
-  to prefer an XLA path instead);
-- anything else (CPU): the TPU kernel in Pallas interpret mode.
+The kernel is chosen by the platform the computation is lowered for
+(`kernels_pallas.dispatch`): Mosaic (tpu.py) on TPU, Triton (gpu.py) on CUDA, the TPU kernel
+in interpret mode elsewhere.
 
 With `segment_ids` (packed documents) the state is reset at each document start, as
 `jaxllm.ops.lightning_attention_packed`; both kernels take the resets (`kernels_pallas.documents`).
@@ -25,36 +17,25 @@ also returns dL/dg (tpu.py's docstring has the terms); a fixed decay skips that 
 
 import dataclasses
 import functools
-import importlib
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from kernels_pallas.dispatch import check_backend, dispatch, gpu_module, pad_T, round_up
 from kernels_pallas.documents import document_runs
 from kernels_pallas.lightning_attention import tpu
 
-BACKENDS = (None, "tpu", "gpu")
+PACKAGE = "kernels_pallas.lightning_attention"
 # K and V are zero-padded to a multiple of this (exact: zero columns of q, k and v and zero
 # rows/columns of the state contribute nothing).
 HEAD_DIM_MULTIPLE = 64
 
 
-@functools.cache
-def _gpu_module():
-    try:
-        return importlib.import_module("kernels_pallas.lightning_attention.gpu")
-    except Exception as e:  # a missing file, or an import-time failure of the Triton backend
-        warnings.warn(f"lightning attention GPU kernel unavailable ({e!r})", stacklevel=2)
-        return None
-
-
 def gpu_available() -> bool:
     """Whether the GPU kernel (gpu.py) imports; without it CUDA falls back to interpret mode."""
-    return _gpu_module() is not None
+    return gpu_module(PACKAGE) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +53,6 @@ def _device_kind() -> str:
     return jax.devices()[0].device_kind
 
 
-def _round_up(n, m):
-    return -(-n // m) * m
-
-
-def _pad_T(x, T_pad):
-    return jnp.pad(x, ((0, 0), (0, 0), (0, T_pad - x.shape[2]), (0, 0)))
-
-
 def _tpu_sizes(cfg, V):
     """(block_t, block_v, chunk) for the TPU kernel. The table is keyed by the local device's
     kind when it is a TPU; a compile for TPU from a CPU host gets sizes valid on every chip."""
@@ -87,7 +60,7 @@ def _tpu_sizes(cfg, V):
     bt = cfg.block_t or bt
     chunk = min(chunk, bt)
     # A short sequence needs no block longer than itself (rounded to whole chunks).
-    bt = min(bt, _round_up(cfg.seq_len, chunk))
+    bt = min(bt, round_up(cfg.seq_len, chunk))
     block_v = cfg.block_v or (256 if V > 256 and V % 256 == 0 else V)
     return bt, block_v, chunk
 
@@ -99,7 +72,7 @@ def _gpu_sizes(cfg, gpu):
     return bt, cfg.block_v or block_v
 
 
-def _run_tpu(cfg, interpret, fn, *args):
+def _run_tpu(cfg, fn, interpret, *args):
     """fn is "forward" or "backward"; args (q, k, v, g, s0, run[, do, dsT]) head-major with T
     unpadded, run [B, T] int32 or None."""
     V = args[2].shape[-1]
@@ -107,25 +80,19 @@ def _run_tpu(cfg, interpret, fn, *args):
     return _call(getattr(tpu, fn), args, bt, block_v, cfg, interpret, chunk=chunk)
 
 
-def _run_gpu(cfg, interpret, fn, *args):
-    gpu = _gpu_module()
-    if gpu is None:
-        return _run_tpu(cfg, True if interpret is False else interpret, fn, *args)
+def _run_gpu(cfg, fn, gpu, interpret, *args):
     bt, block_v = _gpu_sizes(cfg, gpu)
-    # `pltpu.InterpretParams` configure the TPU interpreter, which cannot run a Triton kernel
-    # (it fails on an assertion); the GPU kernel takes the generic interpreter instead.
-    interpret = interpret if isinstance(interpret, bool) else True
     return _call(getattr(gpu, fn), args, bt, block_v, cfg, interpret)
 
 
 def _call(kernel, args, bt, block_v, cfg, interpret, **extra):
     """Pads T to a multiple of bt (q, k, v, the runs and, in the backward, do), runs, unpads."""
     seq_len = cfg.seq_len
-    T_pad = _round_up(seq_len, bt)
+    T_pad = round_up(seq_len, bt)
     backward = len(args) > 6
     if backward:
         extra["decay_grad"] = cfg.decay_grad
-    args = [_pad_T(x, T_pad) if i in (0, 1, 2, 6) else x for i, x in enumerate(args)]
+    args = [pad_T(x, T_pad) if i in (0, 1, 2, 6) else x for i, x in enumerate(args)]
     run = args.pop(5)
     if run is not None:
         # The padding repeats the last run: its (zero) tokens start no document.
@@ -137,19 +104,9 @@ def _call(kernel, args, bt, block_v, cfg, interpret, **extra):
 
 
 def _dispatch(cfg, fn, *args):
-    if cfg.interpret not in (None, False):
-        run = _run_gpu if cfg.backend == "gpu" else _run_tpu
-        return run(cfg, cfg.interpret, fn, *args)
-    if cfg.backend == "tpu":
-        return _run_tpu(cfg, False, fn, *args)
-    if cfg.backend == "gpu":
-        return _run_gpu(cfg, False, fn, *args)
-    return lax.platform_dependent(
-        *args,
-        tpu=functools.partial(_run_tpu, cfg, False, fn),
-        cuda=functools.partial(_run_gpu, cfg, False, fn),
-        default=functools.partial(_run_tpu, cfg, True, fn),
-    )
+    """fn ("forward" or "backward") of the kernel for the lowering platform."""
+    run_tpu, run_gpu = (functools.partial(run, cfg, fn) for run in (_run_tpu, _run_gpu))
+    return dispatch(PACKAGE, cfg.backend, cfg.interpret, run_tpu, run_gpu, *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -215,8 +172,7 @@ def lightning_attention(
     Returns:
       o [B, T, H, V] in q's dtype, or (o, final_state [B, H, K, V] float32).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if q_BTHK.ndim != 4 or q_BTHK.shape != k_BTHK.shape:
         raise ValueError(f"q and k must both be [B, T, H, K], got {q_BTHK.shape}, {k_BTHK.shape}")
     if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != q_BTHK.shape[:3]:
@@ -237,7 +193,7 @@ def lightning_attention(
             raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
         run = document_runs(segment_ids)
     s0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
-    Kp, Vp = _round_up(K, HEAD_DIM_MULTIPLE), _round_up(V, HEAD_DIM_MULTIPLE)
+    Kp, Vp = round_up(K, HEAD_DIM_MULTIPLE), round_up(V, HEAD_DIM_MULTIPLE)
     s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
 
     def head_major(x, X):
