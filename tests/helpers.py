@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from jaxllm import config
 
@@ -30,6 +32,15 @@ def tiny(*overrides: str, name: str = "default") -> config.Config:
         "logging.progress=lines",
     ]
     return config.load(name, [*base, *overrides])
+
+
+def cuda_lowering():
+    """A context in which `lower(lowering_platforms=("cuda",))` reaches the Triton lowering on
+    a host without a GPU: jax ≥ 0.12 asks the abstract mesh for the target GPU (an H100 here);
+    jax 0.10 looks for none."""
+    gpu = AbstractDevice("NVIDIA H100", None, "gpu")
+    mesh = AbstractMesh((1,), ("gpu",), axis_types=(AxisType.Auto,), abstract_device=gpu)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def assert_close(name, ref, got, ratio, atol=1e-6):

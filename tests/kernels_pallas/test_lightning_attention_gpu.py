@@ -24,7 +24,7 @@ import pytest
 from jaxllm.ops.lightning_attention import lightning_attention, lightning_attention_reference
 from jaxllm.ops.lightning_attention_packed import lightning_attention_packed
 from kernels_pallas.lightning_attention import gpu, gpu_available
-from tests.helpers import assert_close
+from tests.helpers import assert_close, cuda_lowering
 
 RATIO = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3}
 _STATIC = ("seq_len", "block_t", "block_v")
@@ -138,10 +138,11 @@ def _lower_for_cuda(dtype, K, V, block_t, block_v, packed=False):
         return gpu.backward(*args, run_BT=run_BT, **blocks)
 
     lower = dict(lowering_platforms=("cuda",))
-    return (
-        jax.jit(fwd).trace(*args, run_BT=run).lower(**lower).as_text(),
-        jax.jit(bwd).trace(*args, *cotangents, run_BT=run).lower(**lower).as_text(),
-    )
+    with cuda_lowering():
+        return (
+            jax.jit(fwd).trace(*args, run_BT=run).lower(**lower).as_text(),
+            jax.jit(bwd).trace(*args, *cotangents, run_BT=run).lower(**lower).as_text(),
+        )
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -178,12 +179,10 @@ def test_ops_auto_lowers_to_the_gpu_kernel_for_cuda(packed):
             o = lightning_attention(q, k, v, g, impl="auto")
         return jnp.sum(o.astype(jnp.float32) ** 2)
 
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
-    calls = [
-        line
-        for line in lowered.lower(lowering_platforms=("cuda",)).as_text().splitlines()
-        if "__gpu$xla.gpu.triton" in line
-    ]
+    with cuda_lowering():
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
     assert len(calls) == 3
     # the document runs (documents.mask_inputs) are the only int32 operands
     assert all(("xi32>" in c) == packed for c in calls), calls

@@ -24,7 +24,7 @@ from jaxllm.ops.lightning_attention_packed import (
 )
 from kernels_pallas.lightning_attention import gpu_available, tpu
 from kernels_pallas.lightning_attention import lightning_attention as kernel_attention
-from tests.helpers import assert_close
+from tests.helpers import assert_close, cuda_lowering
 
 F32_RATIO = 1e-5
 BF16_RATIO = 5e-3
@@ -420,5 +420,6 @@ def test_decay_gradient_lowers_for_cuda(dtype, packed):
         return gpu.backward(x, x, x, g, s, x, s, run_BT=run, seq_len=T - 5, block_t=64,
                             block_v=64, decay_grad=True)  # fmt: skip
 
-    text = jax.jit(bwd).trace(x, g, s, run).lower(lowering_platforms=("cuda",)).as_text()
+    with cuda_lowering():
+        text = jax.jit(bwd).trace(x, g, s, run).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2
