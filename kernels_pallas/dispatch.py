@@ -1,5 +1,5 @@
-"""What the kernels' entry points share: the GPU module's lazy import and the choice of kernel
-by the platform a computation is lowered for.
+"""What the kernels' entry points share: the checks of their [B, T, H, ·] inputs, the GPU
+module's lazy import and the choice of kernel by the platform a computation is lowered for.
 
 Which kernel runs is decided by the platform the computation is *lowered* for, not by
 `jax.default_backend()`: an ahead-of-time compile for a TPU topology is traced on a CPU host
@@ -21,6 +21,8 @@ import warnings
 import jax.numpy as jnp
 from jax import lax
 
+from kernels_pallas.documents import document_runs
+
 BACKENDS = (None, "tpu", "gpu")
 
 
@@ -37,6 +39,24 @@ def gpu_module(package: str):
 def check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_inputs(name, q_BTHK, v_BTHV, initial_state, segment_ids):
+    """Raise on v, initial_state or segment_ids that do not fit q [B, T, H, K] (T ≥ 1); return
+    the document runs of segment_ids [B, T] (None without)."""
+    if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != q_BTHK.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v_BTHV.shape}")
+    B, T, H, K = q_BTHK.shape
+    V = v_BTHV.shape[-1]
+    if T < 1:
+        raise ValueError(f"{name} needs at least one token")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}")
+    if segment_ids is None:
+        return None
+    if segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+    return document_runs(segment_ids)
 
 
 def dispatch(package, backend, interpret, run_tpu, run_gpu, *args):

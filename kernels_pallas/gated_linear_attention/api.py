@@ -34,8 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.dispatch import check_backend, dispatch, gpu_module, pad_T, round_up
-from kernels_pallas.documents import document_runs
+from kernels_pallas.dispatch import (
+    check_backend,
+    check_inputs,
+    dispatch,
+    gpu_module,
+    pad_T,
+    round_up,
+)
 from kernels_pallas.gated_linear_attention import tpu
 from kernels_pallas.gated_linear_attention.chunk import CHUNK
 
@@ -194,21 +200,11 @@ def gated_linear_attention(
             "q, k and log_gate must all be [B, T, H, K], got "
             f"{q_BTHK.shape}, {k_BTHK.shape}, {log_gate_BTHK.shape}"
         )
-    if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != q_BTHK.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v_BTHV.shape}")
-    B, T, H, K = q_BTHK.shape
-    V = v_BTHV.shape[-1]
-    if T < 1:
-        raise ValueError("gated_linear_attention needs at least one token")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}")
+    run = check_inputs("gated_linear_attention", q_BTHK, v_BTHV, initial_state, segment_ids)
     if block_t is not None and (block_t < CHUNK or block_t % CHUNK):
         raise ValueError(f"block_t must be a positive multiple of {CHUNK}, got {block_t}")
-    run = None
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
-        run = document_runs(segment_ids)
+    B, T, H, K = q_BTHK.shape
+    V = v_BTHV.shape[-1]
     Tp, Kp, Vp = round_up(T, CHUNK), _head_size(K), _head_size(V)
 
     def head_major(x, X, dtype):

@@ -23,8 +23,14 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from kernels_pallas.dispatch import check_backend, dispatch, gpu_module, pad_T, round_up
-from kernels_pallas.documents import document_runs
+from kernels_pallas.dispatch import (
+    check_backend,
+    check_inputs,
+    dispatch,
+    gpu_module,
+    pad_T,
+    round_up,
+)
 from kernels_pallas.lightning_attention import tpu
 
 PACKAGE = "kernels_pallas.lightning_attention"
@@ -175,23 +181,13 @@ def lightning_attention(
     check_backend(backend)
     if q_BTHK.ndim != 4 or q_BTHK.shape != k_BTHK.shape:
         raise ValueError(f"q and k must both be [B, T, H, K], got {q_BTHK.shape}, {k_BTHK.shape}")
-    if v_BTHV.ndim != 4 or v_BTHV.shape[:3] != q_BTHK.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {v_BTHV.shape}")
+    run = check_inputs("lightning_attention", q_BTHK, v_BTHV, initial_state, segment_ids)
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
-    if T < 1:
-        raise ValueError("lightning_attention needs at least one token")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}")
     g_H = jnp.zeros((H,), jnp.float32) if log_decay_H is None else log_decay_H
     g_H = jnp.asarray(g_H, jnp.float32)
     if g_H.shape != (H,):
         raise ValueError(f"log_decay_H must have shape [H] = ({H},), got {g_H.shape}")
-    run = None
-    if segment_ids is not None:
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
-        run = document_runs(segment_ids)
     s0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
     Kp, Vp = round_up(K, HEAD_DIM_MULTIPLE), round_up(V, HEAD_DIM_MULTIPLE)
     s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
