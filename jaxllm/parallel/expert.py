@@ -14,7 +14,9 @@ balancing losses see the global batch). Inside the shard_map, per device:
      (`jaxllm.ops.moe.grouped_swiglu`), then the rows go back the same way and are combined.
 
 The token axes (`BATCH_AXES`: data, fsdp, expert) are manual in the shard_map; "tensor" stays
-automatic, so the experts' F dim may be tensor-sharded by the partitioner around it. Nested in
+automatic when it splits (size > 1), so the experts' F dim may be tensor-sharded by the
+partitioner around it, and the local experts then keep `ragged_dot`. At size 1 it is manual
+too, so the local experts take the grouped TPU kernels (`precision.grouped_matmul`). Nested in
 a shard_map that has made some token axes manual already (the train step's per-replica one,
 over `data`), it splits over the remaining ones: the exchange and the capacity statistics then
 see one replica's tokens, exactly as the model alone on that replica's devices would.
@@ -138,7 +140,10 @@ def expert_parallel_ffn(
         body,
         in_specs=(tok, tok, tok, tok, tok, P(), *([w_spec] * len(flat_ws))),
         out_specs=(tok, stats_spec),
-        manual=tok_axes,
+        # free axes of size 1 split nothing, so they may be manual too: with every axis
+        # manual the local experts can run Mosaic kernels (megablox on TPU), which jax
+        # refuses in a partly automatic map
+        manual=tuple(a for a in dm.free if a in tok_axes or dm.mesh.shape[a] == 1),
     )
     return fn(x_TD, *routing, scores_TE, key, *flat_ws)
 

@@ -88,19 +88,31 @@ def test_megablox_weight_gradient_is_grouped_where_ragged_dot_is_dense():
     assert xla >= (2 + e) / 3 * ideal * 0.9, (xla, ideal)
 
 
-@pytest.mark.parametrize("layout", ["gspmd", "expert_parallel"])
-def test_megablox_only_where_the_experts_run_unpartitioned(layout):
-    """Mosaic kernels cannot be partitioned by GSPMD: under a (data, tensor) mesh the experts
-    keep ragged_dot; in the expert-parallel shard_map (every axis manual) they take megablox."""
+@pytest.mark.parametrize(
+    "layout, mesh_shape, megablox",
+    [
+        ("gspmd", {"data": 2, "tensor": 2}, False),
+        ("expert_parallel", {"expert": 4}, True),
+        # the train mesh: expert parallelism leaves `tensor` automatic; at size 1 it splits
+        # nothing, so the kernels still apply (before: ragged_dot, whose weight gradient is a
+        # dense product over the whole worst-case receive buffer)
+        ("expert_parallel", {"data": 1, "fsdp": 1, "tensor": 1, "expert": 4}, True),
+        ("expert_parallel", {"tensor": 2, "expert": 2}, False),
+    ],
+)
+def test_megablox_only_where_the_experts_run_unpartitioned(layout, mesh_shape, megablox):
+    """Mosaic kernels cannot be partitioned by GSPMD: where an automatic mesh axis of size > 1
+    remains (a (data, tensor) mesh, or `tensor` beside the expert-parallel map) the experts
+    keep ragged_dot; where every axis that splits is manual they take megablox."""
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     t, d, f, e, k = 1024, 256, 512, 8, 2
+    mesh = Mesh(np.array(devices).reshape(*mesh_shape.values()), tuple(mesh_shape))
     if layout == "gspmd":
-        mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "tensor"))
         w_specs = (P(None, None, "tensor"), P(None, None, "tensor"), P(None, "tensor", None))
+        tok = P("data")
     else:
-        mesh = Mesh(np.array(devices), ("expert",))
         w_specs = (P("expert"),) * 3
-    tok = P(mesh.axis_names[0])
+        tok = P(tuple(a for a in mesh.axis_names if a != "tensor"))
 
     def loss(ws, x, experts, weights):
         routing = Routing(experts, weights, jnp.ones(experts.shape, bool))
@@ -123,5 +135,5 @@ def test_megablox_only_where_the_experts_run_unpartitioned(layout):
         _, hlo = _compile(loss, *args)
     mega = len(_kernels(hlo, "gmm")) + len(_kernels(hlo, "tgmm"))
     xla = len(_kernels(hlo, "ragged-dot-none"))
-    assert (mega, xla > 0) == ((0, True) if layout == "gspmd" else (9, False)), (mega, xla)
+    assert (mega, xla > 0) == ((9, False) if megablox else (0, True)), (mega, xla)
     assert ("ragged-all-to-all" in hlo) == (layout == "expert_parallel")
