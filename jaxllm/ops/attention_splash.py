@@ -15,8 +15,11 @@ checked by `unsupported`:
 - not inside a `shard_map` with `check_vma=True`: jax's kernel builds its `pallas_call`
   outputs without the manual-axis types that check needs (sequence parallelism's softmax map
   runs with `check_vma=False` for this);
-- head dims a multiple of 64 (Mosaic tiles; 64 and 128 compiled in tests/ops/
-  test_attention_aot.py), float32 or bfloat16, G dividing H.
+- float32 or bfloat16, G dividing H.
+Head dims are run as multiples of 64 (Mosaic tiles; 64 and 128 compiled in tests/ops/
+test_attention_aot.py): any other is zero-padded on the way in (q·kᵀ is unchanged, the scale
+is the true head dim's) and v's padding sliced off the output, so Hunyuan-Large's 80 runs at
+128 (1.6x the kernel's FLOPs, still no [T, S] tensor).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jaxllm.parallel.core.axes import BATCH_AXES, HEAD_AXES
 from jaxllm.parallel.core.per_device import per_device
 
 BLOCKS = (512, 256, 128)
+HEAD_DIM_UNIT = 64  # head dims the kernel runs at (others are zero-padded up to one)
 
 
 def block_size(t: int) -> int | None:
@@ -50,7 +54,7 @@ def unsupported(
     kv_positions_BS: jax.Array | None,
 ) -> str | None:
     """Why splash cannot run these inputs, or None when it can."""
-    t, h, kd = q_BTHK.shape[1:]
+    t, h = q_BTHK.shape[1:3]
     s, g = k_BSGK.shape[1:3]
     if q_positions_BT is not None or kv_positions_BS is not None:
         return "absolute positions (cache / sequence-parallel) need a masked offset"
@@ -60,8 +64,6 @@ def unsupported(
         return f"S={s} != T={t}"
     if block_size(t) is None:
         return f"T={t} is not a multiple of {BLOCKS[-1]}"
-    if kd % 64 or v_BSGV.shape[-1] % 64:
-        return f"head dims {kd}, {v_BSGV.shape[-1]} not multiples of 64"
     if h % g:
         return f"{g} kv heads do not divide {h} heads"
     dts = {x.dtype for x in (q_BTHK, k_BSGK, v_BSGV)}
@@ -136,10 +138,23 @@ def splash_attention(
     a `shard_map` over the axes no enclosing one made manual, rows split over the batch axes
     and heads over `tensor` (where G divides, so H does), as `lightning_attention` does.
     """
-    kd = q_BTHK.shape[-1]
+    kd, vd = q_BTHK.shape[-1], v_BTGV.shape[-1]
     scale = kd**-0.5 if scale is None else scale
     # The kernel takes no scale; MaxText scales q the same way.
-    q_BTHK = (q_BTHK * scale).astype(q_BTHK.dtype)
+    q_BTHK = _pad_last((q_BTHK * scale).astype(q_BTHK.dtype), HEAD_DIM_UNIT)
+    k_BTGK = _pad_last(k_BTGK, HEAD_DIM_UNIT)
+    v_BTGV = _pad_last(v_BTGV, HEAD_DIM_UNIT)
+    return _mapped(q_BTHK, k_BTGK, v_BTGV, segment_ids_BT, causal, interpret)[..., :vd]
+
+
+def _pad_last(x: jax.Array, unit: int) -> jax.Array:
+    """x with its last dim zero-padded to a multiple of `unit`."""
+    pad = -x.shape[-1] % unit
+    return x if not pad else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _mapped(q_BTHK, k_BTGK, v_BTGV, segment_ids_BT, causal: bool, interpret: bool):
+    """`_local` on this device's rows and heads: directly, or in a shard_map on a mesh."""
     fn = functools.partial(_local, causal=causal, interpret=interpret)
     dm = per_device()
     if dm is None or not dm.splits:

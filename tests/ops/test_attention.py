@@ -137,9 +137,10 @@ def _splash_matches_reference(b, t, h, g, kd, *, causal, packed, dtype, grads=Tr
 
 def test_splash_interpret_packed_causal_gqa_forward():
     """The TPU kernel in Pallas interpret mode: 3 documents a row, 2 query heads per kv head,
-    one 128-token block. Forward only here (interpret mode is slow on the CPU); the gradients
-    and larger shapes are the `slow` variants below."""
-    _splash_matches_reference(1, 128, 2, 1, 64, causal=True, packed=True, dtype=jnp.float32,
+    one 128-token block, head dim 80 (Hunyuan-Large's: run zero-padded to 128). Forward only
+    here (interpret mode is slow on the CPU); the gradients and larger shapes are the `slow`
+    variants below."""
+    _splash_matches_reference(1, 128, 2, 1, 80, causal=True, packed=True, dtype=jnp.float32,
                               grads=False)  # fmt: skip
 
 
@@ -148,6 +149,7 @@ def test_splash_interpret_packed_causal_gqa_forward():
     ("t", "h", "g", "kd", "causal", "packed", "dtype"),
     [
         (128, 2, 1, 64, True, True, jnp.float32),
+        (128, 2, 1, 80, True, True, jnp.float32),  # padded head dim: gradients sliced back
         (256, 4, 2, 128, True, True, jnp.float32),  # one 256-token block
         (384, 4, 1, 64, True, True, jnp.float32),  # 3×3 128-blocks, 3 fully masked
         (256, 2, 2, 128, False, False, jnp.float32),
@@ -177,11 +179,13 @@ def test_splash_support_check():
         "separate kv": ((q, kv, kv), {"kv_segment_ids_BS": pos}),
         "S=512 != T=256": ((q, long_kv, long_kv), {}),
         "not a multiple of 128": (_sds(200, 4, 128), {"segment_ids_BT": None}),
-        "head dims": (_sds(256, 4, 32), {}),
         "dtypes": (_sds(256, 4, 128, jnp.float16), {}),
     }
     for reason, (args, kw) in cases.items():
         assert reason in attention_splash.unsupported(*args, **{**none, **kw}), reason
+    # head dims off the 64 grid are padded, not refused
+    for kd in (32, 80, 200):
+        assert attention_splash.unsupported(*_sds(256, 4, kd), **none) is None
     assert attention_splash.block_size(1536) == 512 and attention_splash.block_size(384) == 128
 
 

@@ -57,7 +57,7 @@ def test_auto_lowers_to_splash_for_tpu():
 
 @pytest.mark.tpu_aot
 @pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
-@pytest.mark.parametrize("kd", [64, 128])
+@pytest.mark.parametrize("kd", [64, 80, 128])
 def test_compiled_for_tpu_holds_no_scores(kd):
     """Compiled for a v5p chip, the packed GQA gradient holds no buffer of T×T elements. The
     StableHLO above still types the cond's slots for the XLA branch's residuals, which the
