@@ -3,10 +3,13 @@ step with its committed `parallel` / `train` layout, one at a time, from this (C
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/fit_table.py [--only llama-7b ...]
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/fit_table.py --scan-compare   # the notes
+    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/fit_table.py --only llama-7b \
+        --set model.mixers.softmax.impl=xla --out benchmarks/results/fit_table_xla.json
 
 Each compile runs in a child process (`jaxllm.compile.compile_for`, no TPU needed, libtpu is)
-so its wall time and peak RSS are its own; per-chip memory is XLA's `memory_analysis()` and
-FLOPs per step count every loop iteration (`jaxllm.compile.loop_aware_flops`). Prints a
+so its wall time and peak RSS are its own; per-chip memory is XLA's `memory_analysis()`,
+FLOPs per step count every loop iteration (`jaxllm.compile.loop_aware_flops`: XLA's ops and
+the kernels' declared estimates), and the model's count (MFU's) stands beside them. Prints a
 Markdown table and writes benchmarks/results/fit_table.json. `--scan-compare` compiles one
 preset unrolled and scanned (`model.scan_layers`) for the compile-time note instead.
 """
@@ -86,8 +89,9 @@ def mesh_str(mesh: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| preset | topology | mesh | remat | micro-batches | args GiB | temps GiB | "
-            "total GiB / HBM | TFLOPs/step/chip | compile s | peak RSS GiB |")  # fmt: skip
-    lines = [head, "|" + " --- |" * 11]
+            "total GiB / HBM | TFLOPs/step/chip | model TFLOPs | compile s | "
+            "peak RSS GiB |")  # fmt: skip
+    lines = [head, "|" + " --- |" * 12]
     for r in rows:
         name = r["preset"] + ("" if r.get("scan_layers", True) else " (unrolled)")
         cells = [name, r["topology"], mesh_str(r.get("mesh", {})), r.get("remat", "-"),
@@ -97,9 +101,12 @@ def table(rows: list[dict]) -> str:
             cells += [f"{r['argument_bytes'] / GiB:.2f}", f"{r['temp_bytes'] / GiB:.2f}",
                       f"{total:.1f} / {hbm:.0f} ({100 * total / hbm:.0f}%)"
                       + ("" if r["fits"] else " **over**"),
-                      f"{r['flops_per_chip'] / 1e12:.0f}"]  # fmt: skip
+                      f"{r['flops_per_chip'] / 1e12:.0f}"
+                      + (f" ({r['kernels_without_flops']} kernels uncounted)"
+                         if r.get("kernels_without_flops") else ""),
+                      f"{r['model_flops_per_chip'] / 1e12:.0f}"]  # fmt: skip
         else:
-            cells += ["-", "-", "fails: " + r.get("error", "")[:60].replace("|", "/"), "-"]
+            cells += ["-", "-", "fails: " + r.get("error", "")[:60].replace("|", "/"), "-", "-"]
         rss = r.get("peak_rss_bytes")
         cells += [f"{r['wall_s']:.0f}", "-" if rss is None else f"{rss / GiB:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -111,6 +118,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="presets to compile (default: all of FITS)")
     ap.add_argument("--scan-compare", action="store_true", help=f"unrolled vs scanned "
                     f"{SCAN_COMPARE[0]} on {SCAN_COMPARE[1]} instead")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides added to every preset's layout (e.g. an attention impl)",
+    )
     ap.add_argument("--out", default="benchmarks/results/fit_table.json")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -123,7 +137,7 @@ def main() -> None:
                 for s in ("false", "true")]  # fmt: skip
         out = Path(args.out.replace("fit_table.json", "fit_table_scan.json"))
     else:
-        jobs = [(p, t, []) for p, t in FITS if not args.only or p in args.only]
+        jobs = [(p, t, list(args.set)) for p, t in FITS if not args.only or p in args.only]
         out = Path(args.out)
     rows = []
     for job in jobs:

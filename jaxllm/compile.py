@@ -8,7 +8,9 @@ TensorCores, two per chip, as the Cloud names do) or jax's `GEN:AxB[xC]` chip gr
 the topology's devices from a description, the mesh comes from `parallel.mesh`, and the real
 train step (`jaxllm.training.step.make_train_step`) is lowered on abstract state and compiled.
 Prints the mesh, per-chip memory (arguments, temporaries, total vs the chip's HBM) and FLOPs
-per step. Exit codes: 0 fits, 3 does not fit, 2 bad preset / topology / key, 1 anything else.
+per step: what the compiled program does (XLA's ops, Pallas kernels by the estimate they
+declare) beside the model's count that MFU uses. Exit codes: 0 fits, 3 does not fit, 2 bad
+preset / topology / key, 1 anything else.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jax._src.lib import _jax
 from jaxlib import _hlo
 
 from jaxllm import choices, config
+from jaxllm.models.flops import flops_per_token
 from jaxllm.parallel.core.topology import (
     GiB,
     Topology,
@@ -49,10 +52,12 @@ class Report:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    flops_per_chip: float
+    flops_per_chip: float  # the compiled program's (loop_aware_flops), kernels included
     host_argument_bytes: int = 0  # pinned host memory (train.optimizer_offload)
     host_temp_bytes: int = 0  # pinned host memory (train.remat=offload)
     loops_counted_once: int = 0  # while loops whose trip count was not found (loop_aware_flops)
+    model_flops_per_chip: float = 0.0  # MFU's count: active weights + token mixing, no remat
+    kernels_without_flops: int = 0  # kernel calls that declare no FLOPs (counted as 0)
 
     @property
     def total_bytes(self) -> int:
@@ -90,13 +95,25 @@ class Report:
                 f"; {self.loops_counted_once} loop(s) counted once"
                 if self.loops_counted_once
                 else ""
+            )
+            + (
+                f"; {self.kernels_without_flops} kernel call(s) without a FLOP estimate"
+                if self.kernels_without_flops
+                else ""
             ),
+            f"  model      {self.model_flops_per_chip:.4g} per chip (MFU's count: active "
+            "weights and token mixing, no recompute)",
             "fits" if self.fits else "DOES NOT FIT",
         ]
 
 
 def lower_train_step(cfg, topo: Topology):
     """`cfg`'s train step lowered for `topo` (a `jax.stages.Lowered`) and its mesh."""
+    lowered, trainer = _lower(cfg, topo)
+    return lowered, trainer.mesh
+
+
+def _lower(cfg, topo: Topology):
     devices = topology_devices(topo)
     sizes = cfg.parallel.mesh.resolve(len(devices))
     check_batch_layout(cfg, sizes)
@@ -111,13 +128,25 @@ def lower_train_step(cfg, topo: Topology):
         for k in ("inputs", "targets", "segment_ids", "positions")
     }
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=sharding)
-    return make_train_step(trainer).lower(state, batch), mesh
+    return make_train_step(trainer).lower(state, batch), trainer
+
+
+def model_flops_per_step(cfg, trainer: Trainer) -> float:
+    """FLOPs of one call of the train step by the model's count (`flops_per_token`, what MFU
+    divides by): active weights and token mixing, forward + backward, no remat recompute."""
+    params = trainer.model.abstract_params
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    per_token = flops_per_token(cfg.model, n_params, params["embed"].size, cfg.data.seq_len)
+    return per_token * cfg.data.batch_size * cfg.data.seq_len * trainer.steps_per_call
 
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\{$")
 _WHILE = re.compile(r"\bwhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
 _CALLED = re.compile(r"\b(?:calls|to_apply|branch_computations|called_computations)=\{?([^}]*)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+# a Pallas kernel's call (Mosaic on TPU, Triton on GPU) and the FLOPs its CostEstimate declares
+_KERNEL = re.compile(r'custom_call_target="(?:tpu_custom_call|__gpu\$xla\.gpu\.triton)"')
+_DECLARED = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
 
 
 @dataclass
@@ -153,6 +182,19 @@ class HloModuleText:
         for c, lines in self.computations.items():
             text += ["ENTRY " + lines[0] if c == name else lines[0], *lines[1:]]
         return "\n".join(text) + "\n"
+
+    def reachable(self, name: str) -> list[str]:
+        """`name` and every computation it calls, loop bodies included (each once)."""
+        seen = [name]
+        for c in seen:
+            for line in self.computations[c]:
+                names = " ".join(_CALLED.findall(line))
+                if w := _WHILE.search(line):
+                    names += f" %{w.group(1)} %{w.group(2)}"
+                for callee in re.findall(r"%([\w.\-]+)", names):
+                    if callee in self.computations and callee not in seen:
+                        seen.append(callee)
+        return seen
 
     def loops(self, name: str | None = None) -> list[tuple[str, int | None]]:
         """(body, trip count or None) of each while loop computation `name` (default: the
@@ -194,6 +236,12 @@ def loop_aware_flops(hlo_text: str) -> tuple[float, int]:
     is made the entry of a copy of the module and costed by XLA's own analysis (on the CPU
     client: the count is the same HloCostAnalysis), then
     cost(c) = once(c) + Σ over the loops c runs (trip · cost(body) − once(body)).
+
+    XLA counts a kernel's custom call as 0 FLOPs; `once` adds the FLOPs each kernel declares
+    (Pallas `CostEstimate`: megablox, XLA's own ragged-dot kernels; splash and ours declare
+    none, see `kernels_without_flops`). A declared estimate is for the call's static shapes:
+    a grouped GEMM over a worst-case buffer (dropless expert parallelism) is counted whole,
+    though its kernel visits only the routed rows' tiles.
     """
     module = HloModuleText.parse(hlo_text)
     client = jax.devices("cpu")[0].client
@@ -203,7 +251,13 @@ def loop_aware_flops(hlo_text: str) -> tuple[float, int]:
     def once(name: str) -> float:
         if name not in once_cache:
             hlo = _hlo.hlo_module_from_text(module.with_entry(name))
-            once_cache[name] = float(_jax.hlo_module_cost_analysis(client, hlo).get("flops", 0))
+            xla = float(_jax.hlo_module_cost_analysis(client, hlo).get("flops", 0))
+            once_cache[name] = xla + sum(
+                float(m.group(1))
+                for c in module.reachable(name)
+                for line in module.computations[c]
+                if _KERNEL.search(line) and (m := _DECLARED.search(line))
+            )
         return once_cache[name]
 
     def cost(name: str) -> float:
@@ -217,16 +271,24 @@ def loop_aware_flops(hlo_text: str) -> tuple[float, int]:
     return cost(module.entry), unknown
 
 
+def kernels_without_flops(hlo_text: str) -> int:
+    """Kernel calls in a compiled module that declare no FLOPs (XLA counts them as 0)."""
+    return sum(
+        1 for line in hlo_text.splitlines() if _KERNEL.search(line) and not _DECLARED.search(line)
+    )
+
+
 def compile_for(cfg, topo: Topology) -> Report:
     """Lower and compile `cfg`'s train step on `topo`; the memory and FLOPs it needs."""
-    lowered, mesh = lower_train_step(cfg, topo)
+    lowered, trainer = _lower(cfg, topo)
     compiled = lowered.compile()
     mem = compiled.memory_analysis()
     # XLA's own count takes each loop body once (layer scan, micro-batches): per iteration here
-    flops, unknown = loop_aware_flops(compiled.as_text())
+    text = compiled.as_text()
+    flops, unknown = loop_aware_flops(text)
     return Report(
         topology=topo,
-        mesh=dict(mesh.shape),
+        mesh=dict(trainer.mesh.shape),
         argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes),
@@ -234,6 +296,8 @@ def compile_for(cfg, topo: Topology) -> Report:
         code_bytes=int(mem.generated_code_size_in_bytes),
         flops_per_chip=flops,
         loops_counted_once=unknown,
+        model_flops_per_chip=model_flops_per_step(cfg, trainer) / topo.chips,
+        kernels_without_flops=kernels_without_flops(text),
         host_argument_bytes=int(mem.host_argument_size_in_bytes),
         host_temp_bytes=int(mem.host_temp_size_in_bytes),
     )
