@@ -11,8 +11,11 @@ CPU host gets the TPU path), falling back to the XLA form wherever a fast path's
 - CUDA: cuDNN flash attention for rows without segment ids (see `cudnn_unsupported`); packed
   rows (and inputs cuDNN refuses) take `attention_blocked`, the XLA form 512 query rows at a
   time, rematerialised: [B, H, 512, S] scores at once instead of [B, H, T, S].
-- elsewhere (the CPU), and for decode / prefill against a cache (absolute positions): the
-  XLA form. A decode step's score row is [T≤few, S]: small, and the XLA form is fine there.
+- with absolute positions (prefill / decode against a cache, all-gather sequence
+  parallelism), on every platform: the XLA form, and beyond `BLOCK` queries `attention_blocked`
+  over `BLOCK` of them at a time, so a long prompt's prefill holds [B, H, 512, S] scores, not
+  [B, H, T, S]. A decode step's score row is [T≤few, S]: small, the XLA form as is.
+- elsewhere (the CPU): the XLA form.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 from jaxllm.ops import attention_splash
 
 IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
+BLOCK = 512  # query rows per step of `attention_blocked` where positions are given
 # cuDNN 9.27 returns wrong dq / dk from 2^31 query elements per device (issue 18); the op sees
 # global shapes under GSPMD, so this bound is conservative on a mesh.
 CUDNN_MAX_Q_ELEMENTS = 2**31
@@ -185,21 +189,40 @@ def query_block(t: int, s: int) -> int | None:
 
 
 def attention_blocked(
-    q_BTHK, k_BSGK, v_BSGV, *, block: int, causal: bool, scale, segment_ids_BT
+    q_BTHK,
+    k_BSGK,
+    v_BSGV,
+    *,
+    block: int,
+    causal: bool,
+    scale,
+    segment_ids_BT,
+    kv_segment_ids_BS=None,
+    q_positions_BT=None,
+    kv_positions_BS=None,
 ) -> jax.Array:
     """The XLA form over `block` query rows at a time: [B, H, block, S] scores live at once,
     not [B, H, T, S]. Each step is rematerialised in the backward (`jax.checkpoint`), so
     neither pass keeps a [T, S] tensor. Same FLOPs as the XLA form (no block is skipped).
 
-    q: [B, T, H, K], k: [B, T, G, K], v: [B, T, G, V], segment_ids: [B, T] | None; T % block
-    == 0 → [B, T, H, V].
+    Same contract as `attention_reference` (q: [B, T, H, K], k: [B, S, G, K], v: [B, S, G, V]
+    → [B, T, H, V]); a T that `block` does not divide is padded with query rows that see no
+    key and are cut off again.
     """
     b, t, h, kd = q_BTHK.shape
-    n = t // block
-    pos_T = jnp.arange(t, dtype=jnp.int32)
-    q_NBCHK = q_BTHK.reshape(b, n, block, h, kd).swapaxes(0, 1)
-    pos_NBC = jnp.broadcast_to(pos_T.reshape(n, 1, block), (n, b, block))
-    seg = segment_ids_BT
+    s = k_BSGK.shape[1]
+    pad = -t % block
+    n = (t + pad) // block
+    rows_pad = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)], constant_values=value)
+    qpos = q_positions_BT if q_positions_BT is not None else jnp.arange(t, dtype=jnp.int32)[None]
+    kpos = kv_positions_BS if kv_positions_BS is not None else jnp.arange(s, dtype=jnp.int32)[None]
+    # padded rows: segment -1 (with ids) or position -1 (causal) leaves them no key
+    qpos = rows_pad(jnp.asarray(qpos, jnp.int32), -1)
+    kseg = kv_segment_ids_BS if kv_segment_ids_BS is not None else segment_ids_BT
+    q_NBCHK = jnp.pad(q_BTHK, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    q_NBCHK = q_NBCHK.reshape(b, n, block, h, kd).swapaxes(0, 1)
+    pos_NBC = qpos.reshape(qpos.shape[0], n, block).swapaxes(0, 1)
+    seg = None if segment_ids_BT is None else rows_pad(segment_ids_BT, -1)
     seg_NBC = None if seg is None else seg.reshape(b, n, block).swapaxes(0, 1)
 
     @jax.checkpoint
@@ -207,12 +230,12 @@ def attention_blocked(
         q_c, pos_c, seg_c = xs
         return _dot_product_attention(
             q_c, k_BSGK, v_BSGV, causal=causal, scale=scale, implementation="xla",
-            segment_ids_BT=seg_c, kv_segment_ids_BS=seg, q_positions_BT=pos_c,
-            kv_positions_BS=pos_T[None],
+            segment_ids_BT=seg_c, kv_segment_ids_BS=kseg, q_positions_BT=pos_c,
+            kv_positions_BS=kpos,
         )  # fmt: skip
 
     o_NBCHV = jax.lax.map(rows, (q_NBCHK, pos_NBC, seg_NBC))
-    return o_NBCHV.swapaxes(0, 1).reshape(b, t, h, v_BSGV.shape[-1])
+    return o_NBCHV.swapaxes(0, 1).reshape(b, n * block, h, v_BSGV.shape[-1])[:, :t]
 
 
 def attention(
@@ -233,7 +256,8 @@ def attention(
     q: [B, T, H, K], k: [B, S, G, K], v: [B, S, G, V] → [B, T, H, V]. `auto`: splash when
     lowered for TPU, cuDNN when lowered for CUDA, each where its check passes
     (`attention_splash.unsupported`, `cudnn_unsupported`); on CUDA otherwise
-    `attention_blocked` for self-attention of T > 128 tokens; the XLA form everywhere else.
+    `attention_blocked` for self-attention of T > 128 tokens; with positions and T > `BLOCK`
+    queries (a long prefill) `attention_blocked` everywhere; the XLA form everywhere else.
     `splash` asks for the TPU kernel by name and raises where it cannot run.
     """
     if impl not in IMPLS:
@@ -262,6 +286,10 @@ def attention(
         return splash(q_BTHK, k_BSGK, v_BSGV)
     if impl != "auto":
         return dpa(impl)(q_BTHK, k_BSGK, v_BSGV)
+    if q_positions_BT is not None and q_BTHK.shape[1] > BLOCK:
+        # no fast path takes positions (splash, cuDNN refuse them): bound the scores instead
+        return attention_blocked(q_BTHK, k_BSGK, v_BSGV, block=BLOCK, causal=causal,
+                                 scale=scale, **kw)  # fmt: skip
     branches = {}
     if splash_why is None:
         branches["tpu"] = splash

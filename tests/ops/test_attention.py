@@ -91,6 +91,45 @@ def test_decode_positions_match_naive(impl):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_form_with_positions_matches_reference(packed):
+    """A prefill of 13 queries at positions 5..17 against a 24-slot cache (the decoder's
+    call), 8 query rows a step: T is padded to 16 and the padding cut off; outputs and the
+    q/k/v gradients (all-gather sequence parallelism differentiates this call)."""
+    q, k, v, _ = TestAttention().inputs(2, 13, 4, 2, 8, 8, S=24, seed=4)
+    kw = dict(q_positions_BT=(5 + jnp.arange(13))[None], kv_positions_BS=jnp.arange(24)[None])
+    if packed:
+        # row 1's queries at positions < 9 see no key of theirs: zero rows
+        kv_seg = jnp.where(jnp.arange(24) < 9, 1, 2)[None].repeat(2, 0)
+        kw |= dict(segment_ids_BT=jnp.array([[1], [2]]).repeat(13, 1), kv_segment_ids_BS=kv_seg)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    blocked = lambda q, k, v: attention_blocked(
+        q, k, v, block=8, causal=True, scale=None,
+        **{"segment_ids_BT": None, **kw},
+    )  # fmt: skip
+    ref = lambda q, k, v: attention_reference(q, k, v, **kw)
+    assert_close("o", ref(q, k, v), blocked(q, k, v), F32_RATIO)
+    for name, a, w in zip("qkv", jax.grad(loss(blocked), (0, 1, 2))(q, k, v),
+                          jax.grad(loss(ref), (0, 1, 2))(q, k, v)):  # fmt: skip
+        assert_close(f"d{name}", w, a, F32_RATIO)
+
+
+def test_long_prefill_holds_no_full_score_matrix():
+    """`auto` with positions and more than BLOCK queries (a long prompt against the cache)
+    takes the blocked form on every platform: the CPU program holds [B, H, 512, S] scores,
+    never [B, H, T, S]."""
+    t, s = 600, 1024
+    q = jax.ShapeDtypeStruct((1, t, 2, 8), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, s, 1, 8), jnp.float32)
+    fn = lambda q, k, v: attention(q, k, v, q_positions_BT=jnp.arange(t)[None],
+                                   kv_positions_BS=jnp.arange(s)[None])  # fmt: skip
+    text = jax.jit(fn).lower(q, kv, kv).as_text()
+    assert f"x{t}x{s}x" not in text and f"x512x{s}x" in text
+
+
 def test_query_block():
     """The blocked form's rows per step (its values: the suite's `blocked` impl)."""
     assert (query_block(2048, 2048), query_block(384, 384), query_block(128, 128)) == (
