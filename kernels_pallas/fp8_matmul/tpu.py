@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import cost
+
 GROUP = 128
 # (bm, bn, bk) per generation: MXU 128² on v5e, 256² on v6e; FP8 tiles in (32, 128) layout;
 # chosen to fit the default scoped VMEM (16 MiB on v5e, 32 MiB on v6e) with double buffering
@@ -101,6 +103,9 @@ def matmul_tensor_scale(a_MK, b_KN, s, *, out_dtype, blocks, interpret=False):
     return pl.pallas_call(
         functools.partial(_tensor_kernel, cdt=_compute_dtype(interpret)),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        cost_estimate=cost.matmul(
+            m, n, k, arrays=[a_MK, b_KN, jax.ShapeDtypeStruct((m, n), out_dtype)]
+        ),
         grid=(m // bm, n // bn, k // bk),
         in_specs=[
             pl.BlockSpec(memory_space=pltpu.SMEM),
@@ -127,6 +132,9 @@ def matmul_group_scale(a_MK, b_KN, sa_MG, sb_GN, *, out_dtype, blocks, interpret
     return pl.pallas_call(
         functools.partial(_grouped_kernel, groups_per_block=gpb, cdt=_compute_dtype(interpret)),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        cost_estimate=cost.matmul(
+            m, n, k, arrays=[a_MK, b_KN, jax.ShapeDtypeStruct((m, n), out_dtype)]
+        ),
         grid=(m // bm, n // bn, k // bk),
         in_specs=[
             pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),

@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import cost
 from kernels_pallas.documents import mask_inputs
 from kernels_pallas.gated_linear_attention.chunk import (
     CHUNK,
@@ -185,8 +186,16 @@ def _masks(run_BT):
     return [col, row.reshape(B, T // CHUNK, 1, CHUNK), keep_in, keep_out]
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shapes, scratch, interpret):
+def _call(kernel, grid, in_specs, out_specs, out_shapes, scratch, interpret, *, sweep, inputs):
+    """The kernel on the (B, H, V tile, T block) grid; `sweep` and `inputs` give the FLOPs and
+    bytes it declares (`kernels_pallas.cost`)."""
     sem = (pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,)
+    B, H, T, K = inputs[0].shape
+    V = inputs[2].shape[-1]
+    block_v = V // grid[2]
+    flops = cost.chunked_linear(
+        sweep, B, H, T, K, V, C=CHUNK, block_v=block_v, arrays=[*inputs, *out_shapes]
+    )
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -195,6 +204,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shapes, scratch, interpret):
         out_shape=out_shapes,
         scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=sem),
+        cost_estimate=flops,
         interpret=interpret,
     )
 
@@ -225,6 +235,8 @@ def forward(q_BHTK, k_BHTK, v_BHTV, b_BHTK, s0_BHVK, *, run_BT=None, block_t, bl
         ],
         [pltpu.VMEM((block_v, K), jnp.float32)],
         interpret,
+        sweep="forward",
+        inputs=inputs,
     )(*inputs, *_masks(run_BT))
 
 
@@ -256,6 +268,8 @@ def backward(q, k, v, b, s0, do_BHTV, dsT_BHVK, *, run_BT=None, block_t, block_v
         [part, out_shape((B, H, NB, V, K), jnp.float32, *inputs)],
         state,
         interpret,
+        sweep="dq",
+        inputs=inputs,
     )(k, v, b, do_BHTV, s0, *masks)
 
     spec = _Specs(K, block_t, block_v, NB, reverse=True)
@@ -281,5 +295,7 @@ def backward(q, k, v, b, s0, do_BHTV, dsT_BHVK, *, run_BT=None, block_t, block_v
         ],
         state,
         interpret,
+        sweep="dkv",
+        inputs=inputs,
     )(q, k, v, b, do_BHTV, dsT_BHVK, Sa, *masks)
     return dq.sum(0), dk.sum(0), dv, ds0, r.sum(0)[:, :, :, 0]

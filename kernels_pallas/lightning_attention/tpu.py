@@ -56,6 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import cost
 from kernels_pallas.documents import mask_inputs
 from kernels_pallas.vma import out_shape
 
@@ -241,16 +242,20 @@ def forward(q_BHTK, k_BHTK, v_BHTV, g_H, s0_BHKV, *, run_BT=None, seq_len, block
     masks = _masks(run_BT, C, block_t) if packed else ()
     if packed:
         in_specs += _mask_specs(block_t, lambda n: n)
+    outs = [
+        out_shape((B, H, T, V), q_BHTK.dtype, *inputs),
+        out_shape((B, H, K, V), jnp.float32, *inputs),
+    ]
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=[v_spec, s_spec],
-        out_shape=[
-            out_shape((B, H, T, V), q_BHTK.dtype, *inputs),
-            out_shape((B, H, K, V), jnp.float32, *inputs),
-        ],
+        out_shape=outs,
         scratch_shapes=[pltpu.VMEM((K, block_v), jnp.float32), pltpu.VMEM((C, C), jnp.float32)],
+        cost_estimate=cost.chunked_linear(
+            "forward", B, H, T, K, V, C=C, block_v=block_v, arrays=[*inputs, *outs]
+        ),
         **_params(interpret, 3),
     )(*inputs, *masks)
 
@@ -391,6 +396,7 @@ def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block
         return qk, vv, part, _mask_specs(block_t, block) if packed else []
 
     kw = dict(seq_len=seq_len, block_t=block_t, C=C, packed=packed)
+    flops = functools.partial(cost.chunked_linear, B=B, H=H, T=T, K=K, V=V, C=C, block_v=block_v)
     qk, vv, part, mask_specs = specs(lambda n: n)
     dq_parts = pl.pallas_call(
         functools.partial(_dq_kernel, **kw),
@@ -399,6 +405,7 @@ def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block
         out_specs=part,
         out_shape=part_shape,
         scratch_shapes=scratch,
+        cost_estimate=flops("dq", arrays=[*inputs, part_shape]),
         **_params(interpret, 3),
     )(g_H, k, v, do_BHTV, s0.astype(jnp.float32), *masks)
 
@@ -424,6 +431,7 @@ def backward(q, k, v, g_H, s0, do_BHTV, dsT_BHKV, *, run_BT=None, seq_len, block
         out_specs=out_specs,
         out_shape=out_shapes,
         scratch_shapes=scratch,
+        cost_estimate=flops("dkv_decay" if decay_grad else "dkv", arrays=[*inputs, *out_shapes]),
         **_params(interpret, 3),
     )(g_H, q, k, v, do_BHTV, dsT_BHKV.astype(jnp.float32), *masks, *extra_in)
     dk_parts, dv, ds0 = outs[:3]
