@@ -3,8 +3,6 @@ CPU host (marker `tpu_aot`, needs libtpu): Mosaic accepts the forward and both b
 kernels, with and without document resets, at the head dims HGRN2 uses, with one and with
 several V tiles."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -22,8 +20,6 @@ MOSAIC = "tpu_custom_call"
 
 
 def _device(topology):
-    # Descriptions only: several compiles may share libtpu instead of failing on its lockfile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return aot.topology_devices(aot.parse_topology(topology))[0]
 
 

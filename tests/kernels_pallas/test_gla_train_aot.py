@@ -4,7 +4,6 @@ kernel with document resets in every layer."""
 
 import base64
 import collections
-import os
 import re
 
 import pytest
@@ -42,7 +41,6 @@ def test_train_step_uses_the_packed_gla_kernel(preset):
     GLA kernel with document resets (forward, dq sweep, dk/dv sweep; the int32 runs among the
     operands), and nothing else is a Mosaic call. lcsm-tiny's memory is data-dependent."""
     cfg = config.load(preset, ["model.n_layers=2"])
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
     assert mesh.shape["data"] == 4
     calls = [line for line in lowered.compile().as_text().splitlines() if MOSAIC in line]

@@ -5,7 +5,6 @@ the kernels lands near XLA's own count of the op's chunked XLA form (the same ma
 its own way)."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,6 @@ B, T, H, K = 2, 2048, 4, 128
 
 @functools.cache
 def _chip():
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return SingleDeviceSharding(aot.topology_devices(aot.parse_topology("v5e:2x2"))[0])
 
 

@@ -4,7 +4,6 @@ host (marker `tpu_aot`, needs libtpu): Mosaic accepts the forward and both backw
 (its kernel in a shard_map), and a TNL preset's train step lowered for TPU picks the packed
 kernel (impl="auto")."""
 
-import os
 import re
 
 import jax
@@ -29,8 +28,6 @@ MOSAIC = "tpu_custom_call"
 
 
 def _device(topology):
-    # Descriptions only: several compiles may share libtpu instead of failing on its lockfile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return aot.topology_devices(aot.parse_topology(topology))[0]
 
 
@@ -135,7 +132,6 @@ def test_tnl_train_step_uses_the_packed_kernel():
     kernel with document resets (forward, dq sweep, dk/dv sweep; the int32 runs among the
     operands), each inside a shard_map."""
     cfg = config.load("tnl-tiny", ["model.n_layers=2"])
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
     assert mesh.shape["data"] == 4
     calls = [line for line in lowered.compile().as_text().splitlines() if MOSAIC in line]
@@ -151,7 +147,6 @@ def test_tnl_train_step_with_the_fp8_allreduce_nests_the_kernel():
 
     cfg = config.load("tnl-tiny", ["model.n_layers=2", "precision.fp8=current",
                                    "parallel.mesh.data=2", "parallel.mesh.fsdp=2"])  # fmt: skip
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
     assert uses_fp8_allreduce(cfg, mesh)
     hlo = lowered.compile().as_text()

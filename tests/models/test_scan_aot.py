@@ -2,7 +2,7 @@
 (marker `tpu_aot`, needs libtpu): the optimized HLO keeps the layers as one while loop whose
 body is a single layer (or period of layers), instead of n unrolled copies."""
 
-import os
+import re
 
 import pytest
 
@@ -22,8 +22,6 @@ SMALL = ["model.d_model=128", "model.n_heads=4", "model.n_kv_heads=4", "model.d_
 
 
 def _hlo(preset: str, overrides: list[str]) -> str:
-    # Descriptions only: several compiles may share libtpu instead of failing on its lockfile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     cfg = config.load(preset, ["model.scan_layers=true", *overrides])
     lowered, _ = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
     return lowered.compile().as_text()
@@ -48,9 +46,11 @@ def test_scanned_layers_compile_to_one_loop_whatever_the_depth():
 
 def test_scanned_hybrid_loops_over_its_period():
     """hybrid-tiny at 24 layers (7 lightning + 1 softmax, three times): one loop of three trips
-    over the 8-layer period; the Mosaic lightning kernels appear once per lightning layer of
-    the period (forward, dq and dk/dv sweeps: 3 x 7), not once per layer (3 x 21)."""
+    over the 8-layer period; the Mosaic kernels appear once per layer of the period (forward
+    and two backward sweeps of the 7 lightning layers, and of the softmax layer's splash, its
+    head dim 32 run padded to 64: 3 x 8), not once per layer (3 x 24)."""
     hlo = _hlo("hybrid-tiny", ["model.n_layers=24", "data.batch_size=8", "data.seq_len=128"])
     trips = [trip for _, trip in aot.HloModuleText.parse(hlo).loops()]
     assert trips == [3, 3], trips
-    assert hlo.count(MOSAIC) == 3 * 7
+    assert hlo.count(MOSAIC) == 3 * 8
+    assert len(re.findall(r"%splash_mha\w*(?:\.\d+)? = ", hlo)) == 3

@@ -9,7 +9,6 @@ libtpu (`tpu_aot`): a llama train step compiled for v5p, splash against impl="xl
 (`gpu`): the cuDNN call is in the program and agrees with the reference.
 """
 
-import os
 import re
 
 import jax
@@ -64,7 +63,6 @@ def test_compiled_for_tpu_holds_no_scores(kd):
     splash branch fills with zeros; XLA drops them with the branch not taken. (At this small
     T the temporaries are not smaller than XLA's, 5.8 vs 5.0 MB at K=64: the train step
     below compares them at a real length.)"""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     sharding = SingleDeviceSharding(aot.topology_devices(aot.parse_topology("v5p:2x2x1"))[0])
     args = [*_abstract(kd=kd), jax.ShapeDtypeStruct((B, T), jnp.int32)]
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
@@ -151,7 +149,6 @@ def test_cudnn_on_gpu(packed):
 def test_splash_on_a_data_tensor_mesh_runs_per_device():
     """Under `use_rules` on data 2 × tensor 2 the kernel runs in a shard_map: each Mosaic call
     sees its device's 2 of 4 rows and 2 of 4 heads; nothing is gathered."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     mesh = make_mesh({"data": 2, "tensor": 2},
                      devices=aot.topology_devices(aot.parse_topology("v5e:2x2")))  # fmt: skip
     b, t = 4, 512
@@ -180,7 +177,6 @@ def test_splash_on_a_data_tensor_mesh_runs_per_device():
 def test_sequence_parallel_softmax_on_tpu(impl, calls):
     """Sequence parallelism over 4 chips: Ulysses attends whole rows per device, so splash;
     the all-gather form attends local queries at absolute positions, so the XLA form."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     mesh = make_mesh({"data": 1, "sequence": 4},
                      devices=aot.topology_devices(aot.parse_topology("v5e:2x2")))  # fmt: skip
     t, g = 512, H  # Ulysses splits kv heads too: G = H keeps them unrepeated
@@ -205,7 +201,6 @@ def test_llama_train_step_on_v5p_uses_splash():
     compiled for v5p:2x2x1: every layer's attention is the splash kernel (3 Mosaic calls),
     no f32 buffer of T×T elements is in the program, and XLA's temporaries are smaller than
     with impl="xla" (20.1 MB vs 36.7 MB when written)."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     t = 1024
     temp, hlo = {}, {}
     for impl in ("auto", "xla"):
