@@ -157,7 +157,7 @@ def _mapped(q_BTHK, k_BTGK, v_BTGV, segment_ids_BT, causal: bool, interpret: boo
     """`_local` on this device's rows and heads: directly, or in a shard_map on a mesh."""
     fn = functools.partial(_local, causal=causal, interpret=interpret)
     dm = per_device()
-    if dm is None or not dm.splits:
+    if dm is None or not dm.kernel_needs_map:
         return fn(q_BTHK, k_BTGK, v_BTGV, segment_ids_BT)
     b = dm.axes(BATCH_AXES, q_BTHK.shape[0])
     heads = dm.axes(HEAD_AXES, k_BTGK.shape[2])

@@ -141,7 +141,7 @@ def kernel_per_device(fn, q, k, v, decay, S0_BHKV, segment_ids=None):
     """
     args = (q, k, v, decay, S0_BHKV) + (() if segment_ids is None else (segment_ids,))
     dm = per_device()
-    if dm is None or not dm.splits:
+    if dm is None or not dm.kernel_needs_map:
         return fn(*args)
     b = dm.axes(BATCH_AXES, q.shape[0])
     h = dm.axes(HEAD_AXES, q.shape[2])

@@ -118,7 +118,7 @@ def matmul(p8: jax.Array, q8: jax.Array, sp, sq, out_dtype, *, tokens: str) -> j
     # nested in a shard_map (the FP8 all-reduce's per-replica one, manual over `data`), the
     # map splits over the axes still automatic there: the tokens it sees are that slice's
     dm = per_device()
-    if dm is None or not dm.splits:
+    if dm is None or not dm.kernel_needs_map:
         return fp8_matmul(p8, q8, sp, sq, out_dtype=kernel_out).astype(out_dtype)
     n_tok = p8.shape[1] if inner else p8.shape[0]
     # whole scale groups per shard when the scales run along the tokens (dW, fine-grained)

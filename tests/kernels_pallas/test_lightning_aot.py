@@ -139,14 +139,16 @@ def test_tnl_train_step_uses_the_packed_kernel():
     assert all("s32[" in line for line in calls)
 
 
-def test_tnl_train_step_with_the_fp8_allreduce_nests_the_kernel():
-    """The same step with FP8 training on data 2 × fsdp 2: the gradients are reduced by the
-    FP8 all-reduce, in whose per-replica shard_map (manual over `data`) every lightning
-    layer's kernel runs in a nested one over fsdp — the Mosaic calls see one device's rows."""
+@pytest.mark.parametrize("mesh", [("data=2", "fsdp=2"), ("data=4", "fsdp=1")])
+def test_tnl_train_step_with_the_fp8_allreduce_nests_the_kernel(mesh):
+    """The same step with FP8 training: the gradients are reduced by the FP8 all-reduce, in
+    whose per-replica shard_map (manual over `data`) every lightning layer's kernel runs in a
+    nested one over the other axes — the Mosaic calls see one device's rows. With data 4 that
+    map splits nothing, but jax refuses a Mosaic call in a partly manual context."""
     from jaxllm.training.state import uses_fp8_allreduce
 
     cfg = config.load("tnl-tiny", ["model.n_layers=2", "precision.fp8=current",
-                                   "parallel.mesh.data=2", "parallel.mesh.fsdp=2"])  # fmt: skip
+                                   *(f"parallel.mesh.{m}" for m in mesh)])  # fmt: skip
     lowered, mesh = aot.lower_train_step(cfg, aot.parse_topology("v5e:2x2"))
     assert uses_fp8_allreduce(cfg, mesh)
     hlo = lowered.compile().as_text()
