@@ -239,9 +239,9 @@ def loop_aware_flops(hlo_text: str) -> tuple[float, int]:
 
     XLA counts a kernel's custom call as 0 FLOPs; `once` adds the FLOPs each kernel declares
     (Pallas `CostEstimate`: ours, megablox, XLA's own ragged-dot kernels; jax's splash
-    declares none, see `kernels_without_flops`). A declared estimate is for the call's static shapes:
-    a grouped GEMM over a worst-case buffer (dropless expert parallelism) is counted whole,
-    though its kernel visits only the routed rows' tiles.
+    declares none, see `kernels_without_flops`). A declared estimate is for the call's static
+    shapes: a grouped GEMM over a worst-case buffer (dropless expert parallelism) is counted
+    whole, though its kernel visits only the routed rows' tiles.
     """
     module = HloModuleText.parse(hlo_text)
     client = jax.devices("cpu")[0].client

@@ -5,9 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from jaxllm import config
+from jaxllm import config, models
+from jaxllm.sampling import Sampler
+from jaxllm.training.state import Model
 
 
 def tiny(*overrides: str, name: str = "default") -> config.Config:
@@ -56,9 +59,14 @@ def assert_close(name, ref, got, ratio, atol=1e-6):
     assert rms_ratio <= ratio, f"{name}: max|Δ| {max_err:.3g}, RMS ratio {rms_ratio:.3g} > {ratio}"
 
 
-def assert_greedy(model, prompt, new):
-    """Each greedy token is the argmax of the full causal forward over prompt + the tokens
-    before it (teacher forcing: one forward over the whole sequence, not one per prefix)."""
+def assert_greedy_generation(cfg, prompt, max_new_tokens):
+    """Greedy sampling from cfg's model (the sampler's cache path): each new token is the
+    argmax of the full causal forward over prompt + the tokens before it (teacher forcing:
+    one forward over the whole sequence, not one per prefix)."""
+    model = models.build(cfg.model, nnx.Rngs(params=0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sampler = Sampler(Model.create(cfg), params, max_len=24)
+    new = sampler.generate(prompt, max_new_tokens=max_new_tokens, temperature=0)
     logits = model(jnp.asarray(np.concatenate([prompt, new], axis=1)))
     P = prompt.shape[1]
     np.testing.assert_array_equal(new, np.asarray(jnp.argmax(logits[:, P - 1 : -1], axis=-1)))

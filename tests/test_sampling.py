@@ -2,12 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxllm import models
-from jaxllm.sampling import Sampler, sample_logits
-from jaxllm.training.state import Model
-from tests.helpers import assert_greedy, tiny
+from jaxllm.sampling import sample_logits
+from tests.helpers import assert_greedy_generation, tiny
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -35,13 +32,8 @@ def test_top_k_and_top_p():
 
 
 def test_greedy_generation_equals_argmax_of_full_forward():
-    cfg = tiny()
-    model = models.build(cfg.model, nnx.Rngs(params=0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    sampler = Sampler(Model.create(cfg), params, max_len=24)
     prompt = np.array([[256, 100, 101, 102], [256, 40, 41, 42]])
-    new = sampler.generate(prompt, max_new_tokens=6, temperature=0)
-    assert_greedy(model, prompt, new)
+    assert_greedy_generation(tiny(), prompt, max_new_tokens=6)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -49,9 +41,4 @@ def test_sampling_from_layers_that_sow(scan):
     # MoE layers sow load metrics (and a scanned decoder its stacked intermediates) on every
     # call: the decode loop must not mutate a module merged outside its own trace (issue 23).
     cfg = tiny("model.ffn=moe", "model.ffns.moe.n_experts=4", f"model.scan_layers={scan}")
-    model = models.build(cfg.model, nnx.Rngs(params=0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    sampler = Sampler(Model.create(cfg), params, max_len=24)
-    prompt = np.array([[256, 100, 101, 102]])
-    new = sampler.generate(prompt, max_new_tokens=5, temperature=0)
-    assert_greedy(model, prompt, new)
+    assert_greedy_generation(cfg, np.array([[256, 100, 101, 102]]), max_new_tokens=5)

@@ -11,10 +11,9 @@ from jaxllm import config, models
 from jaxllm.layers import registry
 from jaxllm.layers.lightning import linear_attention_flops
 from jaxllm.optim import decay_mask
-from jaxllm.sampling import Sampler, kv_cache_bytes
+from jaxllm.sampling import kv_cache_bytes
 from jaxllm.training.loop import train
-from jaxllm.training.state import Model
-from tests.helpers import assert_greedy, tiny
+from tests.helpers import assert_greedy_generation, tiny
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # float32 end to end
 VARIANTS = {
@@ -91,12 +90,8 @@ def test_linear_mixers_keep_no_per_token_cache():
 
 def test_greedy_generation_equals_argmax_of_full_forward():
     cfg = tiny("model.n_kv_heads=4", name="tnl-tiny")
-    model = models.build(cfg.model, nnx.Rngs(params=0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    sampler = Sampler(Model.create(cfg), params, max_len=24)
     prompt = np.array([[256, 100, 101, 102], [256, 40, 41, 42]])
-    new = sampler.generate(prompt, max_new_tokens=6, temperature=0)
-    assert_greedy(model, prompt, new)
+    assert_greedy_generation(cfg, prompt, max_new_tokens=6)
 
 
 def test_flops_count_the_linear_mixing():

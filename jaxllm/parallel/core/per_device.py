@@ -33,17 +33,12 @@ class DeviceMap:
     free: tuple[str, ...]
 
     @property
-    def splits(self) -> bool:
-        """Whether any axis left to split has size > 1 (else the function may run as is)."""
-        return any(self.mesh.shape[a] > 1 for a in self.free)
-
-    @property
     def kernel_needs_map(self) -> bool:
         """Whether a Pallas kernel traced here must run inside this map: an axis left to
         split has size > 1, or an enclosing map left some axes automatic (jax refuses a
         Mosaic call in a partly manual context even where those axes have size 1)."""
-        partly_manual = 0 < len(self.free) < len(self.mesh.axis_names)
-        return self.splits or partly_manual
+        splits = any(self.mesh.shape[a] > 1 for a in self.free)
+        return splits or 0 < len(self.free) < len(self.mesh.axis_names)
 
     def axes(self, names: Sequence[str], dim: int, unit: int = 1) -> tuple[str, ...] | None:
         """The free axes among `names` that split a dim of size `dim` (`dividing_axes`)."""
