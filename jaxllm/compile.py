@@ -1,12 +1,15 @@
-"""Compile a preset's train step for a TPU topology from any host (ahead of time).
+"""Compile a preset's train step for a TPU slice or NVIDIA GPUs from any host (ahead of time).
 
 `python -m jaxllm.compile PRESET --topology NAME [key.sub=value ...]`
 
 NAME is a Cloud TPU name (`v5e-16`, `v5p-128`, `v6e-256`; for v4 / v5p the number counts
-TensorCores, two per chip, as the Cloud names do) or jax's `GEN:AxB[xC]` chip grid (`v5e:4x4`,
-`v5p:2x2x1`). Needs libtpu (the `tpu` extra: `pip install -e .[tpu]`) but no TPU: jax builds
-the topology's devices from a description, the mesh comes from `parallel.mesh`, and the real
-train step (`jaxllm.training.step.make_train_step`) is lowered on abstract state and compiled.
+TensorCores, two per chip, as the Cloud names do), jax's `GEN:AxB[xC]` chip grid (`v5e:4x4`,
+`v5p:2x2x1`), or GPUs: `h200`, `h100-8` (one host), `h200-16` (hosts of 8). Needs the
+compiler (libtpu: the `tpu` extra; jax's CUDA plugin: the `cuda` extra) but no TPU or GPU: jax
+builds the devices from a description (`jaxllm.parallel.core.topology`), the mesh comes from
+`parallel.mesh`, and the real train step (`jaxllm.training.step.make_train_step`) is lowered
+on abstract state and compiled. A GPU's memory is what jax's allocator may take
+(XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 by default).
 Prints the mesh, per-chip memory (arguments, temporaries, total vs the chip's HBM) and FLOPs
 per step: what the compiled program does (XLA's ops, Pallas kernels by the estimate they
 declare) beside the model's count that MFU uses. Exit codes: 0 fits, 3 does not fit, 2 bad
@@ -29,10 +32,12 @@ from jaxllm.parallel.core.topology import (
     GiB,
     Topology,
     TopologyError,
+    compiler_available,
+    cuda_available,  # noqa: F401  (re-exported: `aot.cuda_available()`)
     parse_topology,
     topology_devices,
     topology_mesh,
-    tpu_available,
+    tpu_available,  # noqa: F401  (re-exported)
 )
 from jaxllm.training.loop import check_batch_layout
 from jaxllm.training.state import Trainer
@@ -78,7 +83,8 @@ class Report:
         bound = self.flops_per_chip / self.topology.chip.peak_bf16_flops
         return [
             f"topology     {self.topology.jax_name} ({self.topology.chips} chips, "
-            f"{hbm / GiB:.0f} GiB HBM each)",
+            f"{hbm / GiB:.0f} GiB {'usable' if self.topology.chip.platform == 'cuda' else 'HBM'}"
+            " each)",
             f"mesh         {self.mesh}",
             "memory per chip",
             f"  arguments   {gib(self.argument_bytes)}",
@@ -331,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TopologyError, config.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if not tpu_available():
-        print("error: compiling for TPU needs libtpu: pip install 'jaxllm[tpu]'", file=sys.stderr)
+    if not compiler_available(topo):
+        need = "jax's CUDA plugin: pip install 'jaxllm[cuda]'" if topo.chip.platform == "cuda" \
+            else "libtpu: pip install 'jaxllm[tpu]'"  # fmt: skip
+        print(f"error: compiling for {topo.jax_name} needs {need}", file=sys.stderr)
         return EXIT_USAGE
     try:
         report = compile_for(cfg, topo)

@@ -18,11 +18,14 @@ jax.config.update("jax_enable_x64", False)
 # The suite is compile-bound: compiled programs go to a persistent cache that the xdist workers
 # share (within one run, e.g. a train step's sampler compiled again by `generate`, and across
 # runs). Keys hash the program, jax/XLA versions and flags, so a hit is the same executable.
-# Not where libtpu is installed: executables compiled ahead of time for a TPU topology are
-# cached too, and a compile-only client cannot read them back. JAXLLM_TEST_CACHE=DIR forces
-# the cache on, JAXLLM_TEST_CACHE= (empty) off.
+# Not where libtpu or jax's CUDA plugin is installed: executables compiled ahead of time for a
+# TPU topology or a GPU are cached too, and a compile-only client cannot read them back.
+# JAXLLM_TEST_CACHE=DIR forces the cache on, JAXLLM_TEST_CACHE= (empty) off.
+_aot_compilers = ["libtpu"]
+if importlib.util.find_spec("jax_plugins") is not None:
+    _aot_compilers += ["jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"]
 _cache = os.environ.get("JAXLLM_TEST_CACHE")
-if _cache is None and importlib.util.find_spec("libtpu") is None:
+if _cache is None and not any(importlib.util.find_spec(m) for m in _aot_compilers):
     _cache = str(Path(__file__).resolve().parents[1] / ".jax_cache")
 if _cache:
     jax.config.update("jax_compilation_cache_dir", _cache)

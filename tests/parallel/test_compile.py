@@ -1,11 +1,13 @@
-"""`python -m jaxllm.compile`: topology names, exit codes, and (marker `tpu_aot`, needs libtpu)
-real ahead-of-time compiles of a small preset for TPU slices from this CPU host."""
+"""`python -m jaxllm.compile`: topology names, exit codes, and real ahead-of-time compiles of a
+small preset from this CPU host: for TPU slices (marker `tpu_aot`, needs libtpu) and NVIDIA GPUs
+(marker `gpu_aot`, needs jax's CUDA plugin)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxllm import compile as aot
+from jaxllm import config
 from jaxllm.compile import GiB, Topology, parse_topology
 
 SMALL = ["model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.d_ff=256",
@@ -22,6 +24,9 @@ SMALL = ["model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.d_ff
         ("v5p-1024", "v5p:8x8x8", 512),
         ("v5e:2x2", "v5e:2x2", 4),
         ("v5p:2x2x1", "v5p:2x2x1", 4),
+        ("h200", "h200-1", 1),
+        ("H100-8", "h100-8", 8),
+        ("h200-32", "h200-32", 32),  # 4 hosts of 8
     ],
 )
 def test_parse_topology(name, jax_name, chips):
@@ -29,7 +34,10 @@ def test_parse_topology(name, jax_name, chips):
     assert (topo.jax_name, topo.chips) == (jax_name, chips)
 
 
-@pytest.mark.parametrize("name", ["v5e", "v9x-16", "v5e-12", "v5p-7", "v5e:4x4x4", "v5p:2x2"])
+@pytest.mark.parametrize(
+    "name",
+    ["v5e", "v9x-16", "v5e-12", "v5p-7", "v5e:4x4x4", "v5p:2x2", "h200-0", "h200-12", "h300"],
+)
 def test_bad_topology(name):
     with pytest.raises(aot.TopologyError):
         parse_topology(name)
@@ -129,3 +137,31 @@ def test_compile_that_does_not_fit_exits_3(capsys):
             "model.max_seq_len=2048"]  # fmt: skip
     assert aot.main(["default", "--topology", "v5e:2x2", *huge]) == 3
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ NVIDIA GPUs, ahead of time
+
+cuda = pytest.mark.skipif(not aot.cuda_available(), reason="needs jax's CUDA plugin (.[cuda])")
+TRITON = 'custom_call_target="__gpu$xla.gpu.triton"'
+
+
+@pytest.mark.gpu_aot
+@cuda
+@pytest.mark.parametrize(("topology", "mesh"), [("h200", []), ("h100-8", ["parallel.mesh.fsdp=8"])])
+def test_compile_small_preset_for_gpus(topology, mesh, capsys):
+    """One H200, and eight H100s with FSDP (NCCL collectives in the program)."""
+    assert aot.main(["default", "--topology", topology, *mesh, *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert f"on {parse_topology(topology).jax_name}" in out and "usable" in out and "fits" in out
+
+
+@pytest.mark.gpu_aot
+@cuda
+@pytest.mark.parametrize("preset", ["tnl-tiny", "hgrn2-tiny"])
+def test_linear_train_step_on_h200_runs_the_triton_kernels(preset):
+    """impl="auto" lowered for CUDA: the packed lightning / GLA kernels, compiled by Triton for
+    sm_90 (forward and both backward sweeps; the scanned layers share one body)."""
+    cfg = config.load(preset, ["data.batch_size=2", "model.scan_layers=true"])
+    lowered, _ = aot.lower_train_step(cfg, parse_topology("h200"))
+    hlo = lowered.compile().as_text()
+    assert hlo.count(TRITON) >= 3, hlo.count(TRITON)

@@ -3,7 +3,10 @@ XLA pass) every projection's three dots take float8 operands with float32 result
 in the forward, E5M2 × E4M3 in dX and dW; and no dot is fed an FP8 value upcast to a wider
 float (dequantize-then-dot, which leaves the FP8 GEMM to a rewrite nothing checks). With
 `tpu_aot` (libtpu), what XLA:TPU makes of them on v5p: the optimized HLO's convolutions still
-take the float8 operands (no convert in HLO; the chip has no FP8 MXU, see `precision/fp8.py`)."""
+take the float8 operands (no convert in HLO; the chip has no FP8 MXU, see `precision/fp8.py`).
+With `gpu_aot` (jax's CUDA plugin), what XLA:GPU makes of them for an H200: every projection's
+GEMM takes float8 operands after XLA's passes (GEMMs take their untuned Triton form without a
+GPU; on the device the autotuner may pick cuBLASLt's FP8 GEMM for the same dot)."""
 
 from __future__ import annotations
 
@@ -122,6 +125,7 @@ def test_train_step_runs_every_projection_as_fp8_dots(overrides, delayed, projec
 
 # ------------------------------------------------------------------ TPU, ahead of time
 
+F8_HLO = ("f8e4m3fn", "f8e5m2")
 _HLO_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[")
 _HLO_CONV = re.compile(r"\bconvolution\(%([\w.\-]+), %([\w.\-]+)\)")
 
@@ -146,3 +150,35 @@ def test_train_step_compiles_for_v5p_with_fp8_operands_at_the_mxu_op():
     # projections, forward E4M3 × E4M3 and both backward GEMMs E5M2 × E4M3
     assert pairs[("f8e4m3fn", "f8e4m3fn")] >= 2 * 7, pairs
     assert pairs[("f8e4m3fn", "f8e5m2")] >= 2 * 2 * 7, pairs
+
+
+# ------------------------------------------------------------------ H200, ahead of time
+
+_HLO_DOT = re.compile(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\).*op_name=\"([^\"]*)\"")
+
+
+@pytest.mark.gpu_aot
+@pytest.mark.skipif(not aot.cuda_available(), reason="needs jax's CUDA plugin (.[cuda])")
+def test_train_step_compiles_for_h200_with_every_projection_gemm_in_fp8():
+    small = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.d_ff=512",
+             "data.batch_size=8", "data.seq_len=256", "precision.fp8=current"]  # fmt: skip
+    cfg = config.load("default", small)
+    lowered, _ = aot.lower_train_step(cfg, aot.parse_topology("h200"))
+    text = lowered.compile().as_text()
+    types, pairs, wide = {}, collections.Counter(), []
+    for line in text.splitlines():
+        if m := _HLO_DEF.match(line):
+            types[m[1]] = m[2]
+    for line in text.splitlines():
+        if d := _HLO_DOT.search(line):
+            pair = tuple(sorted((types.get(d[1]), types.get(d[2]))))
+            pairs[pair] += 1
+            einsum = d[3].split("/")[-2]
+            # attention's score and value products (vmapped over heads) and the output
+            # head (vocab V) are not FP8 projections
+            if not (einsum.startswith("vmap(") or "BTV" in einsum or "DV" in einsum):
+                wide += [] if pair[0] in F8_HLO and pair[1] in F8_HLO else [d[3]]
+    assert wide == [], f"projection GEMMs not in FP8 after XLA:GPU: {wide}"
+    # XLA:GPU merges some sibling dots (q / k / v): at least one of each kind survives
+    assert pairs[("f8e4m3fn", "f8e4m3fn")] >= 3, pairs
+    assert pairs[("f8e4m3fn", "f8e5m2")] >= 6, pairs

@@ -1,0 +1,107 @@
+"""Ahead-of-time compiles for an NVIDIA H200 from this CPU host (marker `gpu_aot`, needs jax's
+CUDA plugin: the `cuda` extra). XLA:GPU compiles for the target description with its real
+passes, Triton and ptxas (`jaxllm.parallel.core.topology`), so the Pallas Triton kernels are
+compiled for sm_90 here, inside Hopper's shared-memory limit:
+- the lightning kernel forward and backward (with the decay's gradient, packed or not), the
+  GLA kernel forward and backward (packed), the FP8 GEMM for both operand pairs and both
+  scalings;
+- `ops.attention(impl="auto")` picks cuDNN flash attention (forward and backward custom
+  calls) for causal GQA, and the blocked form for packed rows, with no [T, S] float32 scores.
+cuDNN builds its graphs on the device, so a cuDNN call compiling here says nothing of whether
+cuDNN accepts it: that stays with the `gpu` tests."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxllm import compile as aot
+from jaxllm.ops.attention import attention
+from kernels_pallas.fp8_matmul import fp8_matmul
+from kernels_pallas.gated_linear_attention import gated_linear_attention
+from kernels_pallas.lightning_attention import lightning_attention
+
+pytestmark = [
+    pytest.mark.gpu_aot,
+    pytest.mark.skipif(not aot.cuda_available(), reason="needs jax's CUDA plugin (.[cuda])"),
+]
+
+TRITON = 'custom_call_target="__gpu$xla.gpu.triton"'
+CUDNN = re.compile(r'custom_call_target="__cudnn\$fmha\w*"')
+
+
+@pytest.fixture(scope="module")
+def spec():
+    """ShapeDtypeStruct on one compile-only H200."""
+    device = aot.topology_devices(aot.parse_topology("h200"))[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _compiled(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower().compile().as_text()
+
+
+B, T, H = 2, 1000, 4  # an odd length: the kernels pad it
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_lightning_kernel_compiles_for_h200(spec, packed, head_dim):
+    def loss(q, k, v, g, seg):
+        o = lightning_attention(q, k, v, g, segment_ids=seg if packed else None)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    x = spec((B, T, H, head_dim))
+    hlo = _compiled(jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x, spec((H,), jnp.float32),
+                    spec((B, T), jnp.int32))  # fmt: skip
+    # forward, dq sweep, dk/dv (+ decay) sweep; no interpret-mode loop beside them
+    assert hlo.count(TRITON) == 3
+    assert "while(" not in hlo
+
+
+def test_gla_kernel_compiles_for_h200(spec):
+    def loss(q, k, v, g, seg, s0):
+        o, sT = gated_linear_attention(q, k, v, g, segment_ids=seg, initial_state=s0,
+                                       return_final_state=True)  # fmt: skip
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(sT**2)
+
+    K = 128
+    x = spec((B, T, H, K))
+    args = (x, x, x, spec((B, T, H, K), jnp.float32), spec((B, T), jnp.int32),
+            spec((B, H, K, K), jnp.float32))  # fmt: skip
+    hlo = _compiled(jax.grad(loss, argnums=(0, 1, 2, 3, 5)), *args)
+    assert hlo.count(TRITON) >= 3
+    assert "while(" not in hlo
+
+
+@pytest.mark.parametrize("b_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("scales", ["tensor", "block"])
+def test_fp8_kernel_compiles_for_h200(spec, b_dtype, scales):
+    m, k, n = 1024, 2048, 1024
+    sa, sb = ((), ()) if scales == "tensor" else ((m, k // 128), (k // 128, n // 128))
+    args = (spec((m, k), jnp.float8_e4m3fn), spec((k, n), b_dtype),
+            spec(sa, jnp.float32), spec(sb, jnp.float32))  # fmt: skip
+    hlo = _compiled(lambda a, b, sa, sb: fp8_matmul(a, b, sa, sb, backend="gpu"), *args)
+    assert hlo.count(TRITON) == 1
+
+
+def _attention_grads(packed: bool):
+    def loss(q, k, v, seg):
+        o = attention(q, k, v, causal=True, segment_ids_BT=seg if packed else None)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_auto_on_h200(spec, packed):
+    """Causal GQA: cuDNN flash attention forward and backward. Packed rows: the blocked form
+    (no cuDNN path takes segment ids in jax 0.10, `cudnn_unsupported`); either way no float32
+    buffer of T × T scores."""
+    t, K = 1024, 128
+    q, kv = spec((B, t, 8, K)), spec((B, t, 2, K))
+    hlo = _compiled(_attention_grads(packed), q, kv, kv, spec((B, t), jnp.int32))
+    assert len(CUDNN.findall(hlo)) == (0 if packed else 2)
+    assert not re.search(rf"f32\[(?:\d+,)*{t},{t}\]", hlo)
