@@ -9,8 +9,10 @@ CPU host gets the TPU path), falling back to the XLA form wherever a fast path's
 
 - TPU: splash attention (`jaxllm.ops.attention_splash`): causal, packed documents, GQA.
 - CUDA: cuDNN flash attention for rows without segment ids (see `cudnn_unsupported`); packed
-  rows (and inputs cuDNN refuses) take `attention_blocked`, the XLA form 512 query rows at a
-  time, rematerialised: [B, H, 512, S] scores at once instead of [B, H, T, S].
+  rows (a train batch) take our Triton flash kernel (`kernels_pallas.flash_attention`: causal
+  blocks skipped, GQA read in place; `flash_unsupported`); what both refuse takes
+  `attention_blocked`, the XLA form 512 query rows at a time, rematerialised: [B, H, 512, S]
+  scores at once instead of [B, H, T, S].
 - with absolute positions (prefill / decode against a cache, all-gather sequence
   parallelism), on every platform: the XLA form, and beyond `BLOCK` queries `attention_blocked`
   over `BLOCK` of them at a time, so a long prompt's prefill holds [B, H, 512, S] scores, not
@@ -25,9 +27,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+import kernels_pallas.flash_attention as kernels_flash
 from jaxllm.ops import attention_splash
 
-IMPLS = ("auto", "reference", "xla", "cudnn", "splash")
+IMPLS = ("auto", "reference", "xla", "cudnn", "splash", "flash")
 BLOCK = 512  # query rows per step of `attention_blocked` where positions are given
 # cuDNN 9.27 returns wrong dq / dk from 2^31 query elements per device (issue 18); the op sees
 # global shapes under GSPMD, so this bound is conservative on a mesh.
@@ -150,6 +153,27 @@ def cudnn_unsupported(
     return None
 
 
+def flash_unsupported(
+    q_BTHK: jax.Array,
+    k_BSGK: jax.Array,
+    v_BSGV: jax.Array,
+    *,
+    kv_segment_ids_BS: jax.Array | None,
+    q_positions_BT: jax.Array | None,
+    kv_positions_BS: jax.Array | None,
+) -> str | None:
+    """Why `auto` does not give these inputs to the Triton flash kernel on CUDA, or None."""
+    if q_positions_BT is not None or kv_positions_BS is not None or kv_segment_ids_BS is not None:
+        return "positions or separate key ids (cache / sequence-parallel)"
+    if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16) or k_BSGK.dtype != q_BTHK.dtype:
+        return "bfloat16 / float16 only (float32 keeps the exact XLA form)"
+    if why := kernels_flash.unsupported(q_BTHK, k_BSGK, v_BSGV):
+        return why
+    if not kernels_flash.gpu_available():
+        return "the Triton kernels do not import here"
+    return None
+
+
 def _dot_product_attention(
     q_BTHK, k_BSGK, v_BSGV, *, causal, scale, implementation, **kw
 ) -> jax.Array:
@@ -251,14 +275,17 @@ def attention(
     scale: float | None = None,
     impl: str = "auto",
 ) -> jax.Array:
-    """Same contract as `attention_reference`; `impl` in auto | reference | xla | cudnn | splash.
+    """Same contract as `attention_reference`; `impl` in auto | reference | xla | cudnn | splash
+    | flash.
 
     q: [B, T, H, K], k: [B, S, G, K], v: [B, S, G, V] → [B, T, H, V]. `auto`: splash when
     lowered for TPU, cuDNN when lowered for CUDA, each where its check passes
-    (`attention_splash.unsupported`, `cudnn_unsupported`); on CUDA otherwise
+    (`attention_splash.unsupported`, `cudnn_unsupported`); on CUDA otherwise the Triton flash
+    kernel (`flash_unsupported`: packed self-attention in bf16 / fp16), else
     `attention_blocked` for self-attention of T > 128 tokens; with positions and T > `BLOCK`
     queries (a long prefill) `attention_blocked` everywhere; the XLA form everywhere else.
-    `splash` asks for the TPU kernel by name and raises where it cannot run.
+    `splash` and `flash` ask for a kernel by name (flash: interpret mode off CUDA) and raise
+    where it cannot run.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -284,6 +311,19 @@ def attention(
         if splash_why is not None:
             raise ValueError(f"impl='splash' cannot run these inputs: {splash_why}")
         return splash(q_BTHK, k_BSGK, v_BSGV)
+
+    def flash(q, k, v):
+        return kernels_flash.flash_attention(q, k, v, segment_ids=segment_ids_BT, causal=causal,
+                                             scale=scale)  # fmt: skip
+
+    flash_why = flash_unsupported(
+        q_BTHK, k_BSGK, v_BSGV, kv_segment_ids_BS=kv_segment_ids_BS,
+        q_positions_BT=q_positions_BT, kv_positions_BS=kv_positions_BS,
+    )  # fmt: skip
+    if impl == "flash":
+        if flash_why is not None:
+            raise ValueError(f"impl='flash' cannot run these inputs: {flash_why}")
+        return flash(q_BTHK, k_BSGK, v_BSGV)
     if impl != "auto":
         return dpa(impl)(q_BTHK, k_BSGK, v_BSGV)
     if q_positions_BT is not None and q_BTHK.shape[1] > BLOCK:
@@ -295,6 +335,8 @@ def attention(
         branches["tpu"] = splash
     if cudnn_unsupported(q_BTHK, k_BSGK, v_BSGV, causal=causal, **kw) is None:
         branches["cuda"] = dpa("cudnn")
+    elif flash_why is None:
+        branches["cuda"] = flash
     elif (c := query_block(q_BTHK.shape[1], k_BSGK.shape[1])) and q_positions_BT is None:
         if kv_segment_ids_BS is None and kv_positions_BS is None:
             branches["cuda"] = lambda q, k, v: attention_blocked(

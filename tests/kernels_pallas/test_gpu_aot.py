@@ -5,8 +5,10 @@ compiled for sm_90 here, inside Hopper's shared-memory limit:
 - the lightning kernel forward and backward (with the decay's gradient, packed or not), the
   GLA kernel forward and backward (packed), the FP8 GEMM for both operand pairs and both
   scalings;
+- the flash-attention kernels (forward, dq, dk/dv) at head dims 64 to 256 with GQA;
 - `ops.attention(impl="auto")` picks cuDNN flash attention (forward and backward custom
-  calls) for causal GQA, and the blocked form for packed rows, with no [T, S] float32 scores.
+  calls) for causal GQA, and the Triton flash kernel for packed rows, with no [T, S] float32
+  scores.
 cuDNN builds its graphs on the device, so a cuDNN call compiling here says nothing of whether
 cuDNN accepts it: that stays with the `gpu` tests."""
 
@@ -18,6 +20,7 @@ import pytest
 
 from jaxllm import compile as aot
 from jaxllm.ops.attention import attention
+from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.fp8_matmul import fp8_matmul
 from kernels_pallas.gated_linear_attention import gated_linear_attention
 from kernels_pallas.lightning_attention import lightning_attention
@@ -87,6 +90,19 @@ def test_fp8_kernel_compiles_for_h200(spec, b_dtype, scales):
     assert hlo.count(TRITON) == 1
 
 
+@pytest.mark.parametrize(("h", "g", "head_dim"), [(32, 4, 64), (32, 8, 128), (8, 2, 256)])
+def test_flash_kernel_compiles_for_h200(spec, h, g, head_dim):
+    def loss(q, k, v, seg):
+        o = flash_attention(q, k, v, segment_ids=seg)
+        return jnp.sum(o.astype(jnp.float32) ** 2)
+
+    t = 2048
+    args = (spec((1, t, h, head_dim)), spec((1, t, g, head_dim)), spec((1, t, g, head_dim)),
+            spec((1, t), jnp.int32))  # fmt: skip
+    hlo = _compiled(jax.grad(loss, argnums=(0, 1, 2)), *args)
+    assert hlo.count(TRITON) == 3  # forward, dq, dk/dv
+
+
 def _attention_grads(packed: bool):
     def loss(q, k, v, seg):
         o = attention(q, k, v, causal=True, segment_ids_BT=seg if packed else None)
@@ -97,11 +113,12 @@ def _attention_grads(packed: bool):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_attention_auto_on_h200(spec, packed):
-    """Causal GQA: cuDNN flash attention forward and backward. Packed rows: the blocked form
-    (no cuDNN path takes segment ids in jax 0.10, `cudnn_unsupported`); either way no float32
-    buffer of T × T scores."""
+    """Causal GQA: cuDNN flash attention forward and backward. Packed rows: the Triton flash
+    kernel (no cuDNN path takes segment ids in jax 0.10, `cudnn_unsupported`); either way no
+    float32 buffer of T × T scores."""
     t, K = 1024, 128
     q, kv = spec((B, t, 8, K)), spec((B, t, 2, K))
     hlo = _compiled(_attention_grads(packed), q, kv, kv, spec((B, t), jnp.int32))
     assert len(CUDNN.findall(hlo)) == (0 if packed else 2)
+    assert hlo.count(TRITON) == (3 if packed else 0)
     assert not re.search(rf"f32\[(?:\d+,)*{t},{t}\]", hlo)

@@ -3,10 +3,11 @@
 From this CPU host: lowered for TPU, the packed GQA training step is the splash kernel (a
 Mosaic call for the forward, the dq and the dk/dv sweeps), compiled (`tpu_aot`) it holds no
 [T, S] buffer; the cache path (absolute positions) keeps the XLA form there. Lowered for
-CUDA, packed rows take the blocked XLA form (`attention_blocked`; no cuDNN on this host to
-check the plain rows' cuDNN call, whose trace would raise here). With
-libtpu (`tpu_aot`): a llama train step compiled for v5p, splash against impl="xla". On a GPU
-(`gpu`): the cuDNN call is in the program and agrees with the reference.
+CUDA, packed rows take the Triton flash kernel (`kernels_pallas.flash_attention`; no cuDNN on
+this host to check the plain rows' cuDNN call, whose trace would raise here: with the CUDA
+plugin, tests/kernels_pallas/test_gpu_aot.py compiles both for an H200). With libtpu
+(`tpu_aot`): a llama train step compiled for v5p, splash against impl="xla". On a GPU (`gpu`):
+the cuDNN call or the flash kernel is in the program and agrees with the reference.
 """
 
 import re
@@ -22,7 +23,7 @@ from jaxllm.ops.attention import attention, attention_blocked, attention_referen
 from jaxllm.parallel.core.mesh import make_mesh
 from jaxllm.parallel.core.rules import use_rules
 from jaxllm.parallel.sequence import attention_sp
-from tests.helpers import assert_close, tiny
+from tests.helpers import assert_close, cuda_lowering, tiny
 
 MOSAIC = "tpu_custom_call"
 B, T, H, G, K = 2, 384, 4, 2, 128
@@ -94,11 +95,24 @@ def test_cache_positions_keep_the_xla_form_on_tpu():
     assert MOSAIC not in text and _scores(text, 2, T)
 
 
-def test_cuda_lowering_of_packed_rows_is_blocked():
-    """Packed rows lowered for CUDA (cuDNN or not): the XLA form 128 query rows at a time."""
-    text = _train_text("cuda")
+def test_cuda_lowering_of_packed_rows_is_the_flash_kernel():
+    """Packed bf16 rows lowered for CUDA (cuDNN or not): the Triton flash kernel (forward, dq,
+    dk/dv); in float32 the blocked XLA form, 128 query rows at a time. (The StableHLO still
+    types the cond's slots for the default branch's residuals; compiled for an H200,
+    test_gpu_aot.py, no [T, S] float32 buffer is left.)"""
+    with cuda_lowering():
+        text = _train_text("cuda")
     assert "cudnn" not in text and MOSAIC not in text
-    assert any("xf32>" in x for x in _scores(text, 128, T))
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
+
+    def loss(q, k, v, seg):
+        return jnp.sum(attention(q, k, v, segment_ids_BT=seg) ** 2)
+
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    with cuda_lowering():
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*_abstract(jnp.float32), seg)
+        text = text.lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" not in text and any("xf32>" in x for x in _scores(text, 128, T))
 
 
 def test_blocked_branch_compiles_without_scores():
@@ -124,7 +138,8 @@ def test_blocked_branch_compiles_without_scores():
 @pytest.mark.parametrize("packed", [False, True])
 def test_cudnn_on_gpu(packed):
     """On a GPU: plain causal GQA rows take cuDNN (its fused call in the program), packed rows
-    the blocked XLA form; both agree with the reference (outputs, gradients) at bf16 tolerance."""
+    the Triton flash kernel; both agree with the reference (outputs, gradients) at bf16
+    tolerance."""
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, _abstract()))
     seg = jnp.asarray(jnp.arange(T)[None] >= jnp.array([[100], [7]]), jnp.int32)
@@ -136,6 +151,7 @@ def test_cudnn_on_gpu(packed):
 
     text = jax.jit(jax.grad(loss("auto"), (0, 1, 2))).lower(q, k, v).as_text()
     assert ("__cudnn$fmha" in text) != packed
+    assert ("__gpu$xla.gpu.triton" in text) == packed
     assert_close("o", attention_reference(q, k, v, **kw), jax.jit(attention)(q, k, v, **kw),
                  5e-3)  # fmt: skip
     got = jax.jit(jax.grad(loss("auto"), (0, 1, 2)))(q, k, v)
