@@ -234,6 +234,11 @@ class TrainConfig(Section):
     run_dir: str | None = Field(None, description="default runs/<preset>")
     microbatches: int = Field(1, ge=1, description="gradient accumulation over micro-batches")
     z_loss: float = Field(0.0, ge=0, description="weight of the log(Z)^2 term")
+    loss_chunk: int = Field(
+        0, ge=0, description="positions per chunk of the output head and the loss: [B, chunk, "
+        "V] logits live at once and are recomputed in the backward, not [B, T, V] (0: whole "
+        "rows; for large vocabularies at long T)",
+    )  # fmt: skip
     eval_every: int = Field(100, ge=0, description="0 = only at the end")
     eval_batches: int = Field(8, ge=1)
     resume: Literal["auto", "never"] = "auto"

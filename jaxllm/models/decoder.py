@@ -81,6 +81,12 @@ def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     return jnp.take(table_VD, tokens_BT, axis=0)
 
 
+def head_logits(x_BTD: jax.Array, w_DV: jax.Array) -> jax.Array:
+    """x [B, T, D] @ w [D, V] → float32 logits [B, T, V], vocab-sharded as activations."""
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV, preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(x))."""
 
@@ -190,10 +196,12 @@ class Decoder(nnx.Module):
         domain_BT: jax.Array | None = None,
         cache: list[Any] | None = None,
         remat: Callable[[Callable], Callable] | None = None,
+        hidden: bool = False,
     ):
         """remat: wraps the function ``f(module, x_BTD, carry, ...) -> (x_BTD, carry, ...)`` of
         each block (each scanned repeat), e.g. in `nnx.remat` with a checkpoint policy (see
-        jaxllm.training.remat); training only (no cache)."""
+        jaxllm.training.remat); training only (no cache). hidden: return the final norm's
+        output [B, T, D] instead of the logits (the head applied by the caller, `head_DV`)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t = tokens_BT.shape
@@ -223,10 +231,19 @@ class Decoder(nnx.Module):
                 self.tail, p.stop, x_BTD, carry, cache, caches, inputs, remat, first=n + p.period
             )
         x_BTD = self.final_norm(x_BTD)
-        w_DV = cast(self.embed, dt).T if cfg.tie_embeddings else cast(self.head, dt)
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, w_DV, preferred_element_type=jnp.float32)
-        logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        if hidden:
+            return x_BTD
+        logits_BTV = self.logits(x_BTD)
         return logits_BTV if cache is None else (logits_BTV, caches)
+
+    def head_DV(self) -> jax.Array:
+        """The output head [D, V] in the compute dtype (the embedding's transpose when tied)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        return cast(self.embed, dt).T if self.cfg.tie_embeddings else cast(self.head, dt)
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Float32 logits [B, T, V] of final-norm outputs [B, T, D]."""
+        return head_logits(x_BTD, self.head_DV())
 
     def _unrolled(self, blocks, layer0, x_BTD, carry, cache, caches, inputs, remat, first=0):
         """Run `blocks` (layers layer0, layer0 + 1, ...) one after the other; their caches are

@@ -12,7 +12,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxllm.models.decoder import head_logits
 from jaxllm.optim import co2 as co2_lib
+from jaxllm.parallel.core.axes import SEQUENCE
 from jaxllm.parallel.core.rules import DEFAULT_RULES, avoid_split_gathers, replica_rules, use_rules
 from jaxllm.parallel.fp8_allreduce import data_parallel_fp8, update_mu
 from jaxllm.parallel.sequence import use_impl
@@ -39,6 +41,37 @@ def cross_entropy(
     nll = (log_z - target_logit) * mask_BT
     z = jnp.square(log_z) * mask_BT
     return jnp.sum(nll) + z_loss * jnp.sum(z), jnp.sum(z)
+
+
+def chunked_cross_entropy(
+    x_BTD: jax.Array,
+    w_DV: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    z_loss: float,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy(head_logits(x, w), ...)` over `chunk` positions at a time (a scan whose
+    steps are rematerialised): [B, chunk, V] float32 logits live at once in the forward and
+    the backward, not [B, T, V]. T is zero-padded to whole chunks (masked out)."""
+    b, t = x_BTD.shape[:2]
+    pad = -t % chunk
+    n = (t + pad) // chunk
+
+    def chunks(a, value=0):
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+        return a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def step(sums, xs):
+        x_BCD, targets_BC, mask_BC = xs
+        total, z = cross_entropy(head_logits(x_BCD, w_DV), targets_BC, mask_BC, z_loss)
+        return (sums[0] + total, sums[1] + z), None
+
+    zero = jnp.zeros((), jnp.float32)
+    xs = (chunks(x_BTD), chunks(targets_BT), chunks(mask_BT.astype(jnp.float32)))
+    (total, z), _ = jax.lax.scan(step, (zero, zero), xs)
+    return total, z
 
 
 def collect_sown(model: nnx.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -111,12 +144,17 @@ def _forward_loss(trainer: Trainer, params: dict, mb: Batch, fp8_state: dict | N
     `cfg.precision` (with `fp8_state` for delayed FP8 scaling), the blocks under `train.remat`.
     """
     t = trainer.cfg.train
+    chunk = loss_chunk(trainer, mb["inputs"].shape[-1])
     with use_precision(PrecisionSpec.from_config(trainer.cfg.precision), fp8_state):
         model = trainer.model.merge(params)
-        logits = model(mb["inputs"], positions_BT=mb["positions"],
-                       segment_ids_BT=mb["segment_ids"], domain_BT=mb.get("domain"),
-                       remat=block_remat(t.remat, t.offload_fraction))  # fmt: skip
-    total, z = cross_entropy(logits, mb["targets"], mb["loss_mask"], trainer.cfg.train.z_loss)
+        out = model(mb["inputs"], positions_BT=mb["positions"],
+                    segment_ids_BT=mb["segment_ids"], domain_BT=mb.get("domain"),
+                    remat=block_remat(t.remat, t.offload_fraction), hidden=bool(chunk))  # fmt: skip
+    if chunk:
+        total, z = chunked_cross_entropy(out, model.head_DV(), mb["targets"], mb["loss_mask"],
+                                         t.z_loss, chunk)  # fmt: skip
+    else:
+        total, z = cross_entropy(out, mb["targets"], mb["loss_mask"], t.z_loss)
     updates = layer_updates(model)
     aux, layer_metrics = collect_sown(model)
     layer_metrics.update(updates)
@@ -125,6 +163,16 @@ def _forward_loss(trainer: Trainer, params: dict, mb: Batch, fp8_state: dict | N
     aux_sum = aux * jnp.sum(mb["loss_mask"])
     nll = total - trainer.cfg.train.z_loss * z
     return total + aux_sum, ({"nll": nll, "z": z, "aux": aux_sum}, layer_metrics)
+
+
+def loss_chunk(trainer: Trainer, t: int) -> int:
+    """`train.loss_chunk` where it applies to rows of t positions, else 0 (whole rows): it
+    does not when the chunk covers the row, or when the mesh splits the sequence (the chunks
+    would cut across its shards)."""
+    chunk = trainer.cfg.train.loss_chunk
+    if not chunk or chunk >= t or trainer.mesh.shape.get(SEQUENCE, 1) > 1:
+        return 0
+    return chunk
 
 
 def _z_metric(cfg, sums: dict, n_tokens: jax.Array) -> dict:
