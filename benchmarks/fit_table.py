@@ -1,13 +1,17 @@
-"""Do the large presets fit their TPU slice? Ahead-of-time compiles of each preset's real train
-step with its committed `parallel` / `train` layout, one at a time, from this (CPU) host.
+"""Do the large presets fit their TPU slice, and the GPU pass's steps one H200? Ahead-of-time
+compiles of each preset's real train step with its committed `parallel` / `train` layout (the
+GPU rows: `GPU_FITS`), one at a time, from this (CPU) host.
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/fit_table.py [--only llama-7b ...]
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/fit_table.py --scan-compare   # the notes
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONPATH=. JAX_PLATFORMS=cpu \
+        python benchmarks/fit_table.py --gpu     # one H200, as benchmarks/gpu.sh runs it
     PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/fit_table.py --only llama-7b \
         --set model.mixers.softmax.impl=xla --out benchmarks/results/fit_table_xla.json
 
-Each compile runs in a child process (`jaxllm.compile.compile_for`, no TPU needed, libtpu is)
-so its wall time and peak RSS are its own; per-chip memory is XLA's `memory_analysis()`,
+Each compile runs in a child process (`jaxllm.compile.compile_for`: libtpu or the CUDA
+plugin, no TPU or GPU) so its wall time and peak RSS are its own; per-chip memory is XLA's
+`memory_analysis()` (a GPU's: what jax's allocator may take, XLA_PYTHON_CLIENT_MEM_FRACTION),
 FLOPs per step count every loop iteration (`jaxllm.compile.loop_aware_flops`: XLA's ops and
 the kernels' declared estimates), and the model's count (MFU's) stands beside them. Prints a
 Markdown table and writes benchmarks/results/fit_table.json. `--scan-compare` compiles one
@@ -36,6 +40,19 @@ FITS = [
     ("mixtral-8x7b", "v5p-128"),
     ("hunyuan-large", "v5p-512"),
 ]
+# --gpu: the GPU pass's train steps (benchmarks/gpu.sh) and the issues' memory targets on one
+# H200, compiled without a GPU (the cuda extra)
+_SCAN, _32K = "model.scan_layers=true", ["data.seq_len=32768", "model.max_seq_len=32768"]
+GPU_FITS = [
+    ("llama-1b", "h200", [_SCAN, "data.batch_size=8"]),
+    ("llama-1b", "h200", [_SCAN, "data.batch_size=8", "precision.fp8=current"]),
+    ("llama-1b", "h200", [_SCAN, "data.batch_size=16"]),
+    ("llama-1b", "h200", [_SCAN, "data.batch_size=1", *_32K, "train.remat=full"]),
+    ("tnl-1b", "h200", [_SCAN, "data.batch_size=2", "data.seq_len=8192"]),
+    ("hgrn2-1b", "h200", [_SCAN, "data.batch_size=2", "data.seq_len=8192"]),
+    ("tnl-1b", "h200", [_SCAN, "data.batch_size=1", *_32K, "train.remat=full"]),
+    ("hgrn2-1b", "h200", [_SCAN, "data.batch_size=1", *_32K, "train.remat=full"]),
+]
 # unrolled vs scanned compile of one preset on a small slice (the table's notes)
 SCAN_COMPARE = ("llama-1b", "v5p:2x2x1", ["parallel.mesh.fsdp=4", "data.batch_size=16"])
 GiB = 2**30
@@ -51,7 +68,8 @@ def child(preset: str, topology: str, overrides: list[str]) -> None:
     row = {"preset": preset, "topology": topology, "overrides": overrides,
            "remat": cfg.train.remat, "microbatches": cfg.train.microbatches,
            "scan_layers": cfg.model.scan_layers, "hbm_bytes": topo.chip.hbm_bytes,
-           "chips": topo.chips}  # fmt: skip
+           "chips": topo.chips, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
+           "fp8": cfg.precision.fp8}  # fmt: skip
     t0 = time.time()
     try:
         r = aot.compile_for(cfg, topo)
@@ -88,13 +106,15 @@ def mesh_str(mesh: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| preset | topology | mesh | remat | micro-batches | args GiB | temps GiB | "
-            "total GiB / HBM | TFLOPs/step/chip | model TFLOPs | compile s | "
+    head = ("| preset | topology | T × batch | mesh | remat | micro-batches | args GiB | "
+            "temps GiB | total GiB / HBM | TFLOPs/step/chip | model TFLOPs | compile s | "
             "peak RSS GiB |")  # fmt: skip
-    lines = [head, "|" + " --- |" * 12]
+    lines = [head, "|" + " --- |" * 13]
     for r in rows:
         name = r["preset"] + ("" if r.get("scan_layers", True) else " (unrolled)")
-        cells = [name, r["topology"], mesh_str(r.get("mesh", {})), r.get("remat", "-"),
+        name += f" FP8 {r['fp8']}" if r.get("fp8", "none") != "none" else ""
+        shape = f"{r['seq_len']} × {r['batch_size']}" if "seq_len" in r else "-"
+        cells = [name, r["topology"], shape, mesh_str(r.get("mesh", {})), r.get("remat", "-"),
                  str(r.get("microbatches", "-"))]  # fmt: skip
         if "total_bytes" in r:
             total, hbm = r["total_bytes"] / GiB, r["hbm_bytes"] / GiB
@@ -116,6 +136,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="presets to compile (default: all of FITS)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU_FITS rows (one H200: the "
+                    "GPU pass's steps) instead; needs the cuda extra")  # fmt: skip
     ap.add_argument("--scan-compare", action="store_true", help=f"unrolled vs scanned "
                     f"{SCAN_COMPARE[0]} on {SCAN_COMPARE[1]} instead")  # fmt: skip
     ap.add_argument(
@@ -137,8 +159,10 @@ def main() -> None:
                 for s in ("false", "true")]  # fmt: skip
         out = Path(args.out.replace("fit_table.json", "fit_table_scan.json"))
     else:
-        jobs = [(p, t, list(args.set)) for p, t in FITS if not args.only or p in args.only]
-        out = Path(args.out)
+        fits = GPU_FITS if args.gpu else [(p, t, []) for p, t in FITS]
+        jobs = [(p, t, [*o, *args.set]) for p, t, o in fits if not args.only or p in args.only]
+        out = Path(args.out.replace("fit_table.json", "fit_table_gpu.json") if args.gpu
+                   else args.out)  # fmt: skip
     rows = []
     for job in jobs:
         # one compile at a time: a 70B compile alone takes GiBs of host memory
