@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU pass: everything a session lent a GPU should measure, in one command that ends within
 # its budget (default 460 s, under 8 minutes on one H200), in priority order:
-#   1 kernels      benchmarks/kernels.py: lightning kernel vs XLA chunked vs cuDNN softmax; GEMMs
+#   1 kernels      benchmarks/kernels.py: lightning kernel vs XLA chunked vs cuDNN softmax; GLA;
+#                  softmax: flash kernel (packed) vs cuDNN vs blocked XLA; GEMMs
 #   2 llama_bf16   benchmarks/train_step.py llama-1b, T 2048, batch 8, scanned layers, bf16
 #   3 llama_fp8    the same with precision.fp8=current
 #   4 tnl_8k       benchmarks/train_step.py tnl-1b, T 8192, batch 2, scanned layers
@@ -184,8 +185,8 @@ cat "$RAW/env.txt"
 
 # --- the parts, in priority order
 if ((SMOKE)); then
-  KERNELS=(--lengths 128 256 --gla-lengths 128 --batch 1 --heads 2 --head-dim 32 --gemm 128
-    --rounds 2)
+  KERNELS=(--lengths 128 256 --gla-lengths 128 --softmax-lengths 128 --batch 1 --heads 4
+    --head-dim 32 --gemm 128 --rounds 2)
   TINY=(model.d_model=64 model.n_layers=2 model.d_ff=128 model.vocab_size=256)
   LLAMA=(llama-1b model.scan_layers=true "${TINY[@]}" model.n_heads=4 model.n_kv_heads=2)
   LLAMA_SHAPE=(--seq-len 64 --batch 2 --steps 2)
@@ -197,8 +198,8 @@ if ((SMOKE)); then
   PEERS=(--lengths 128 --batch 1 --heads 2 --head-dim 64 --rounds 2)
   CAP=(400 300 300 300 300 300 300 300 300)
 else
-  KERNELS=(--lengths 2048 8192 32768 65536 --batch 4 --heads 32 --head-dim 128 --gemm 8192
-    --rounds 5)
+  KERNELS=(--lengths 2048 8192 32768 65536 --softmax-lengths 2048 8192 --batch 4 --heads 32
+    --head-dim 128 --gemm 8192 --rounds 5)
   LLAMA=(llama-1b model.scan_layers=true)
   LLAMA_SHAPE=(--seq-len 2048 --batch "${JAXLLM_GPU_LLAMA_BATCH:-8}" --steps 10)
   TNL=(tnl-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
@@ -206,7 +207,7 @@ else
     --iters 10 --ep 1)
   HGRN2=(hgrn2-1b model.scan_layers=true --seq-len 8192 --batch 2 --steps 10)
   PEERS=(--lengths 2048 8192 32768 --batch 4 --heads 32 --head-dim 128 --rounds 5)
-  CAP=(170 75 75 90 90 90 60 150 300)
+  CAP=(200 75 75 90 90 90 60 150 300)
 fi
 read -r -a LLAMA_SET <<<"${JAXLLM_GPU_LLAMA_SET:-}"
 

@@ -23,6 +23,16 @@ the ops taking turns within each round, the median over rounds; a step whose XLA
 exceeds --max-temp-gib is compiled but not run. Before timing, the kernel is checked against
 the XLA form at a small size (float32, RMS ratio ≤ 1e-5).
 
+Softmax attention (--softmax-lengths, GQA with H/4 kv heads): forward + backward of causal
+attention over rows packed with 4 documents each, as a train batch is, by
+- "pallas": `kernels_pallas.flash_attention` (the Triton flash kernel `ops.attention` takes
+  for packed rows on CUDA), and "pallas_plain" the same kernel on unpacked rows,
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` on unpacked rows (jax's cuDNN
+  path takes no segment ids: the speed packed rows would have with one),
+- "blocked": `jaxllm.ops.attention.attention_blocked`, the XLA form the packed rows took
+  before the kernel;
+after a check of the kernel against `attention_reference` (float32, RMS ratio ≤ 1e-5).
+
 FP8 GEMM: TFLOP/s of [M, K] @ [K, N] (M = N = K = each --gemm size) for bf16 `jnp.dot`, the XLA
 FP8 path (`lax.dot_general` on float8_e4m3fn with per-tensor scales applied to the product)
 and `kernels_pallas.fp8_matmul`; skipped when that package does not import.
@@ -47,8 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.ops.attention import attention_blocked, attention_reference, query_block
 from jaxllm.ops.gated_linear_attention import gated_linear_attention as gla_ops
 from jaxllm.ops.lightning_attention import lightning_attention as la_ops
+from kernels_pallas.flash_attention import flash_attention as flash_kernel
 from kernels_pallas.gated_linear_attention import gated_linear_attention as gla_kernel
 from kernels_pallas.lightning_attention import lightning_attention as la_kernel
 
@@ -57,6 +69,7 @@ CHECK_RATIO = 1e-5
 GLA_CHECK_RATIO = 5e-5
 ATTENTION_OPS = ("pallas", "xla", "softmax")
 GLA_OPS = ("pallas", "xla")
+SOFTMAX_OPS = ("pallas", "pallas_plain", "cudnn", "blocked")
 
 
 def _time(fns, args, rounds):
@@ -148,6 +161,51 @@ def check_gla():
     worst = max(_rms_ratio(r, g) for r, g in zip(want, got))
     if not worst <= GLA_CHECK_RATIO:
         raise SystemExit(f"GLA kernel differs from the XLA form: RMS ratio {worst:.3g}")
+    return worst
+
+
+def _softmax_inputs(B, T, H, K, dtype, seed=0):
+    """q [B, T, H, K], k, v [B, T, H/4, K] and segment ids of 4 equal documents per row."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    G = max(1, H // 4)
+    q = jax.random.normal(keys[0], (B, T, H, K), dtype)
+    k, v = (jax.random.normal(keys[i], (B, T, G, K), dtype) for i in (1, 2))
+    seg = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) * 4 // T, (B, T))
+    return q, k, v, seg
+
+
+def _softmax_fwd_bwd(name, platform_=""):
+    def attend(q, k, v, seg):
+        if name == "pallas":
+            return flash_kernel(q, k, v, segment_ids=seg)
+        if name == "pallas_plain":
+            return flash_kernel(q, k, v)
+        if name == "blocked":
+            block = query_block(q.shape[1], k.shape[1]) or q.shape[1]
+            return attention_blocked(q, k, v, block=block, causal=True, scale=None,
+                                     segment_ids_BT=seg)  # fmt: skip
+        impl = "cudnn" if platform_ == "gpu" else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+    def loss(q, k, v, seg):
+        return attend(q, k, v, seg).astype(jnp.float32).sum()
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def check_flash():
+    """Flash kernel vs attention_reference, gradients of q, k, v, packed, B1 T300 H4 K64 fp32."""
+    q, k, v, seg = _softmax_inputs(1, 300, 4, 64, jnp.float32, seed=1)
+
+    def grads(fn):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    want = grads(lambda q, k, v: attention_reference(q, k, v, segment_ids_BT=seg))
+    got = grads(lambda q, k, v: flash_kernel(q, k, v, segment_ids=seg))
+    worst = max(_rms_ratio(r, g) for r, g in zip(want, got))
+    if not worst <= CHECK_RATIO:
+        raise SystemExit(f"flash kernel differs from the reference: RMS ratio {worst:.3g}")
     return worst
 
 
@@ -263,6 +321,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gla-lengths", type=int, nargs="*", default=[2048, 8192, 32768],
                     help="T for the GLA kernel vs its XLA form; none: skip")  # fmt: skip
+    ap.add_argument("--softmax-lengths", type=int, nargs="*", default=[2048, 8192, 32768],
+                    help="T for softmax attention (flash, cuDNN, blocked); none: skip")  # fmt: skip
     ap.add_argument("--gemm", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--max-temp-gib", type=float, default=60.0)
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -273,14 +333,19 @@ def main() -> None:
     with jax.default_matmul_precision("highest"):
         worst = check_kernel()
         gla_worst = check_gla() if a.gla_lengths else None
+        flash_worst = check_flash() if a.softmax_lengths else None
     print(f"correctness (kernel vs XLA form, worst RMS ratio): {worst:.3g}", flush=True)
     if a.gla_lengths:
         print(f"correctness (GLA kernel vs XLA form, worst RMS ratio): {gla_worst:.3g}")
+    if a.softmax_lengths:
+        print(f"correctness (flash kernel vs reference, worst RMS ratio): {flash_worst:.3g}")
     shape = (a.batch, a.heads, a.head_dim, jnp.dtype(a.dtype), a.rounds, a.max_temp_gib * 2**30,
              device.platform)  # fmt: skip
     rows = measure_attention(a.lengths, *shape)
     gla = measure_attention(a.gla_lengths, *shape, ops=GLA_OPS, fwd_bwd=_gla_fwd_bwd,
                             inputs=_gla_inputs)  # fmt: skip
+    softmax = measure_attention(a.softmax_lengths, *shape, ops=SOFTMAX_OPS,
+                                fwd_bwd=_softmax_fwd_bwd, inputs=_softmax_inputs)  # fmt: skip
     gemm, names, have_kernel = measure_gemm(a.gemm, a.rounds) if a.gemm else ([], [], False)
     meta = {
         "device": device.device_kind,
@@ -293,6 +358,7 @@ def main() -> None:
         "rounds": a.rounds,
         "check_rms_ratio": worst,
         "gla_check_rms_ratio": gla_worst,
+        "flash_check_rms_ratio": flash_worst,
         "fp8_kernel": have_kernel,
     }
     print(
@@ -302,12 +368,18 @@ def main() -> None:
     print_attention(rows, interpreted)
     if gla:
         print_attention(gla, interpreted, "gated linear attention (HGRN2's core)", GLA_OPS, "xla")
+    if softmax:
+        print_attention(softmax, interpreted, "softmax attention, GQA H/4, 4 documents per row "
+                        "(pallas: the flash kernel, packed)", SOFTMAX_OPS, "blocked")  # fmt: skip
     if gemm:
         print_gemm(gemm, names, interpreted)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"meta": meta, "attention": rows, "gla": gla, "gemm": gemm}, indent=1)
+        json.dumps(
+            {"meta": meta, "attention": rows, "gla": gla, "softmax": softmax, "gemm": gemm},
+            indent=1,
+        )
     )
     print(f"wrote {out}")
 
