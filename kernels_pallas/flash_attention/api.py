@@ -82,6 +82,25 @@ def unsupported(q_BTHK, k_BSGK, v_BSGV) -> str | None:
     return None
 
 
+def _document_bounds(seg_BT):
+    """(first_BT, end_BT): the first key position each query may attend to and the end
+    (exclusive) of the query positions each key may be attended by, i.e. the bounds of the
+    token's run of equal ids, where every id of the row forms one run (packed documents);
+    else the whole row (0, T), for ids that come back after another."""
+    b, t = seg_BT.shape
+    pos = jnp.arange(t, dtype=jnp.int32)
+    change = seg_BT[:, 1:] != seg_BT[:, :-1]
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), change], axis=1)
+    ends = jnp.concatenate([change, jnp.ones((b, 1), bool)], axis=1)
+    first = lax.cummax(jnp.where(starts, pos, 0), axis=1)
+    end = lax.cummin(jnp.where(ends, pos + 1, t), axis=1, reverse=True)
+    # one run per id ⇔ as many runs as distinct ids
+    ordered = jnp.sort(seg_BT, axis=1)
+    distinct = 1 + jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1)
+    one_run = (jnp.sum(starts, axis=1) == distinct)[:, None]
+    return jnp.where(one_run, first, 0), jnp.where(one_run, end, t)
+
+
 def _pow2(n: int) -> int:
     return max(MIN_DIM, 1 << (n - 1).bit_length())
 
@@ -135,9 +154,11 @@ def flash_attention(
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     # padded tokens: an id no real token has (they see only each other; causal masking
     # hides them from every real query anyway)
-    seg = jnp.pad(seg, ((0, 0), (0, t_pad - t)), constant_values=jnp.min(seg, initial=0) - 1)
+    seg = jnp.pad(seg, ((0, 0), (0, t_pad - t)), constant_values=jnp.max(seg, initial=0) + 1)
+    first, end = _document_bounds(seg)
+    qcol = jnp.stack([seg, first], axis=2)  # [B, T, 2]
+    krow = jnp.stack([seg, end], axis=1)  # [B, 2, T]
     cfg = _Config(kd**-0.5 if scale is None else float(scale), bool(causal), block_q, block_k,
                   bool(interpret))  # fmt: skip
-    o = _flash(pad(q_BTHK, kp), pad(k_BTGK, kp), pad(v_BTGV, vp), seg[:, :, None],
-               seg[:, None, :], cfg)  # fmt: skip
+    o = _flash(pad(q_BTHK, kp), pad(k_BTGK, kp), pad(v_BTGV, vp), qcol, krow, cfg)
     return o[:, :t, :, :vd]

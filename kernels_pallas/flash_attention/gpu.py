@@ -1,11 +1,12 @@
 """Causal softmax attention with packed documents on GPU (FlashAttention-2): Pallas kernels
 through the Triton lowering.
 
-Per (batch, query head h, block of `block_q` queries) the forward walks the key blocks up to
-the diagonal with the online softmax (running max m, sum l, float32 accumulator), in base 2:
-s = (q·kᵀ)·scale·log₂e, masked where the key is later (causal) or in another document
-(segment ids differ), and stores o and lse = m + log₂ l [B, H, T]. No [T, S] score tensor
-exists outside the registers of one block pair.
+Per (batch, query head h, block of `block_q` queries) the forward walks the key blocks from
+the first one holding a key of the block's documents up to the diagonal with the online
+softmax (running max m, sum l, float32 accumulator), in base 2: s = (q·kᵀ)·scale·log₂e,
+masked where the key is later (causal) or in another document (segment ids differ), and stores
+o and lse = m + log₂ l [B, H, T]. No [T, S] score tensor exists outside the registers of
+one block pair.
 
 The backward (Dao 2023, Algorithm 2) recomputes p = 2^(s − lse) per block pair, with
 δ = rowsum(dO ⊙ O) computed by XLA beforehand:
@@ -16,9 +17,13 @@ GQA is read from the shared K/V directly (the query head's block index picks kv 
 never repeated in memory.
 
 Tiles are powers of two (Triton): head dims are zero-padded to one (≥ 16) by the caller, T to
-a multiple of the blocks with segment id -1 (padded queries see only padded keys; padded keys
-are later than every real query, so causal masking hides them). Segment ids arrive twice, as
-a [T, 1] column (queries) and a [1, T] row (keys), so masks are built without transposes.
+a multiple of the blocks with a segment id of their own (padded keys are later than every real
+query, so causal masking hides them as well). Segment ids arrive twice, as column 0 of a
+[T, 2] array (queries) and row 0 of a [2, T] array (keys), so masks are built without
+transposes; column 1 holds the first key position each query may see and row 1 the end of the
+queries each key may be seen by (the caller's document bounds, `api._document_bounds`): a
+block visits only the blocks its documents reach, so packed rows skip cross-document blocks
+(the dk/dv kernel likewise stops after the last query block of its keys' documents).
 Block sizes are untuned (no GPU was at hand when this was written): 64 × 64 tiles, as jax's
 Pallas example kernel (`jax.experimental.pallas.ops.gpu.attention`) and the Triton tutorial.
 """
@@ -54,7 +59,7 @@ def _scores(q, k, qseg_col_ref, kseg_row_ref, i, j, block_q, block_k, scale, cau
     s = _dot(q, k) * (scale * LOG2E)
     rows = pl.ds(i * block_q, block_q)
     cols = pl.ds(j * block_k, block_k)
-    keep = qseg_col_ref[rows, :] == kseg_row_ref[:, cols]
+    keep = qseg_col_ref[rows, pl.ds(0, 1)] == kseg_row_ref[pl.ds(0, 1), cols]
     if causal:
         qi = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
         kj = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
@@ -62,9 +67,12 @@ def _scores(q, k, qseg_col_ref, kseg_row_ref, i, j, block_q, block_k, scale, cau
     return jnp.where(keep, s, MASKED)
 
 
-def _key_blocks(i, block_q, block_k, n_k, causal):
-    """Key blocks query block i visits: those starting at or before its last query."""
-    return jnp.minimum(lax.div((i + 1) * block_q + block_k - 1, block_k), n_k) if causal else n_k
+def _key_blocks(qcol_ref, i, block_q, block_k, n_k, causal):
+    """[first, end) of the key blocks query block i visits: from the one holding the first key
+    its documents reach to the last one starting at or before its last query (causal)."""
+    first = jnp.min(qcol_ref[pl.ds(i * block_q, block_q), pl.ds(1, 1)]) // block_k
+    end = lax.div((i + 1) * block_q + block_k - 1, block_k) if causal else n_k
+    return first, jnp.minimum(end, n_k)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, krow_ref, o_ref, lse_ref, *, scale, causal,
@@ -88,7 +96,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, krow_ref, o_ref, lse_ref, *, scal
     acc = jnp.zeros((bq, v_ref.shape[1]), jnp.float32)
     m = jnp.full((bq,), -jnp.inf, jnp.float32)
     l = jnp.zeros((bq,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, _key_blocks(i, block_q, block_k, n_k, causal), body, (acc, m, l))
+    first, end = _key_blocks(qcol_ref, i, block_q, block_k, n_k, causal)
+    acc, m, l = lax.fori_loop(first, end, body, (acc, m, l))
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l)
 
@@ -109,7 +118,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, qcol_ref, krow_ref, do_ref, lse_ref, delta_r
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, _key_blocks(i, block_q, block_k, n_k, causal), body, dq)
+    first, end = _key_blocks(qcol_ref, i, block_q, block_k, n_k, causal)
+    dq = lax.fori_loop(first, end, body, dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -123,6 +133,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qcol_ref, krow_ref, do_ref, lse_ref, delta
     t = q_ref.shape[0]
     n_q = t // block_q
     first = lax.div(j * block_k, block_q) if causal else 0
+    # past the last query of the documents of the block's keys nothing attends to them
+    end = jnp.max(krow_ref[pl.ds(1, 1), keys])
+    end = jnp.minimum(lax.div(end + block_q - 1, block_q), n_q)
 
     def body(r, i, carry):
         dk, dv = carry
@@ -139,7 +152,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qcol_ref, krow_ref, do_ref, lse_ref, delta
 
     carry = (jnp.zeros((block_k, kq), jnp.float32), jnp.zeros((block_k, kv), jnp.float32))
     for r in range(group):  # static: R query heads per kv head
-        carry = lax.fori_loop(first, n_q, functools.partial(body, r), carry)
+        carry = lax.fori_loop(first, end, functools.partial(body, r), carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -147,7 +160,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qcol_ref, krow_ref, do_ref, lse_ref, delta
 
 def forward(q, k, v, qcol, krow, *, scale, causal, block_q, block_k, interpret):
     """q [B, T, H, Kq], k [B, T, G, Kq], v [B, T, G, Kv] (T a multiple of both blocks, dims
-    powers of two), qcol [B, T, 1], krow [B, 1, T] int32 → o [B, T, H, Kv], lse [B, H, T]."""
+    powers of two), qcol [B, T, 2], krow [B, 2, T] int32 (segment ids; document bounds)
+    → o [B, T, H, Kv], lse [B, H, T]."""
     b, t, h, kq = q.shape
     g, kv = k.shape[2], v.shape[3]
     r = h // g
@@ -160,8 +174,8 @@ def forward(q, k, v, qcol, krow, *, scale, causal, block_q, block_k, interpret):
             pl.BlockSpec((None, block_q, None, kq), lambda b_, h_, i: (b_, i, h_, 0)),
             pl.BlockSpec((None, t, None, kq), lambda b_, h_, i: (b_, 0, h_ // r, 0)),
             pl.BlockSpec((None, t, None, kv), lambda b_, h_, i: (b_, 0, h_ // r, 0)),
-            pl.BlockSpec((None, t, 1), lambda b_, h_, i: (b_, 0, 0)),
-            pl.BlockSpec((None, 1, t), lambda b_, h_, i: (b_, 0, 0)),
+            pl.BlockSpec((None, t, 2), lambda b_, h_, i: (b_, 0, 0)),
+            pl.BlockSpec((None, 2, t), lambda b_, h_, i: (b_, 0, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, block_q, None, kv), lambda b_, h_, i: (b_, i, h_, 0)),
@@ -183,8 +197,8 @@ def backward(q, k, v, qcol, krow, do, lse, delta, *, scale, causal, block_q, blo
     g, kv = k.shape[2], v.shape[3]
     r = h // g
     kw = dict(scale=scale, causal=causal, block_q=block_q, block_k=block_k)
-    seg_specs = [pl.BlockSpec((None, t, 1), lambda b_, x, i: (b_, 0, 0)),
-                 pl.BlockSpec((None, 1, t), lambda b_, x, i: (b_, 0, 0))]  # fmt: skip
+    seg_specs = [pl.BlockSpec((None, t, 2), lambda b_, x, i: (b_, 0, 0)),
+                 pl.BlockSpec((None, 2, t), lambda b_, x, i: (b_, 0, 0))]  # fmt: skip
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **kw),
         grid=(b, h, t // block_q),

@@ -2,7 +2,8 @@
 `attention_reference`: outputs and the gradients of q, k and v through `jax.vjp` with a random
 cotangent, in Pallas interpret mode on the CPU; on a GPU (marker `gpu`) compiled, in bfloat16.
 
-Cases: causal and not, packed documents (segment ids) and not, GQA ratios 1, 2 and 4, a T the
+Cases: causal and not, packed documents (segment ids: runs, the pipeline's rows with padding,
+ids that come back, where no block may be skipped) and not, GQA ratios 1 and 4, a T the
 blocks do not divide, head dims that are not powers of two (zero-padded), blocks of unequal
 sizes. Tolerances as the other kernels: RMS(Δ)/RMS(ref) ≤ 1e-5 in float32, ≤ 5e-3 in bfloat16.
 The compile for an H200 (Triton, sm_90 shared memory) is in test_gpu_aot.py.
@@ -14,19 +15,28 @@ import pytest
 
 from jaxllm.ops.attention import attention, attention_reference
 from kernels_pallas.flash_attention import flash_attention, unsupported
+from kernels_pallas.flash_attention.api import _document_bounds
 from tests.helpers import assert_close
 
 RATIO = {jnp.float32: 1e-5, jnp.bfloat16: 5e-3}
 
 
 def _inputs(b, t, h, g, kd, vd, dtype, packed, seed=0):
+    """packed: False, True / "runs" (documents of ~17 tokens, ids counting up), "pipeline"
+    (the data pipeline's rows: ids 1, 2, ... then 0 for padding) or "returning" (ids that come
+    back after another: no block may be skipped)."""
     ks = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(ks[0], (b, t, h, kd), dtype)
     k = jax.random.normal(ks[1], (b, t, g, kd), dtype)
     v = jax.random.normal(ks[2], (b, t, g, vd), dtype)
     do = jax.random.normal(ks[3], (b, t, h, vd), dtype)
-    # documents of ~1/0.06 tokens, ids counting up along each row
-    seg = jnp.cumsum(jax.random.uniform(ks[4], (b, t)) < 0.06, axis=1) if packed else None
+    seg = None
+    if packed:
+        seg = 1 + jnp.cumsum(jax.random.uniform(ks[4], (b, t)) < 0.06, axis=1)
+        if packed == "pipeline":
+            seg = jnp.where(jnp.arange(t) < t - 9, seg, 0)
+        elif packed == "returning":
+            seg = seg % 2
     return q, k, v, do, seg
 
 
@@ -44,8 +54,8 @@ def _check(fn, q, k, v, do, seg, causal, ratio):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize(("h", "g"), [(4, 4), (4, 1), (8, 4)])
+@pytest.mark.parametrize("packed", [False, "runs", "pipeline", "returning"])
+@pytest.mark.parametrize(("h", "g"), [(4, 4), (8, 2)])
 def test_kernel_matches_reference(causal, packed, h, g):
     q, k, v, do, seg = _inputs(2, 75, h, g, 24, 40, jnp.float32, packed)
 
@@ -54,6 +64,13 @@ def test_kernel_matches_reference(causal, packed, h, g):
                                block_k=16, interpret=True)  # fmt: skip
 
     _check(fn, q, k, v, do, seg, causal, RATIO[jnp.float32])
+
+
+def test_document_bounds():
+    seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 2, 2, 1, 1]])
+    first, end = _document_bounds(seg)
+    assert first.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6]  # row 2: id 1 comes back
+    assert end.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6]
 
 
 def test_kernel_matches_reference_in_bfloat16_at_the_default_blocks():
