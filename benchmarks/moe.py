@@ -26,6 +26,12 @@ table's layer rows, kept comparable with earlier runs, take the parameters' grad
 difference is what fusion across stages saves or costs (the layer's balancing losses are
 sown, then dropped, so they are not in its time).
 
+Then the expert GEMM alone (`grouped_matmul`, forward + dX + dW, M = tokens · top_k rows in
+E balanced groups, K = D, N = F): XLA's ragged_dot, on a Hopper GPU jax's Mosaic GPU kernels
+(`impl="mosaic_gpu"`, checked against ragged_dot first), and one dense [M, K] @ [K, N] product
+as the ceiling: ms and TFLOP/s of the grouped work — the measurement `grouped_matmul(auto)`
+waits for before it picks a GPU kernel.
+
 Then it compiles the expert-parallel layer on `--ep` devices (CPU devices when no accelerators
 are there) and sums the bytes of the all-to-all / ragged-all-to-all ops in the
 optimized HLO, per device and step. Prints a table, writes benchmarks/results/moe.json.
@@ -57,6 +63,7 @@ from jaxllm.ops import moe as M  # noqa: E402
 from jaxllm.ops import moe_routing as R  # noqa: E402
 from jaxllm.parallel.core.mesh import make_mesh  # noqa: E402
 from jaxllm.parallel.core.rules import use_rules  # noqa: E402
+from jaxllm.precision.grouped_matmul import grouped_matmul, mosaic_gpu_unsupported  # noqa: E402
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1}
 
@@ -240,6 +247,46 @@ def time_call(fn, args, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def grouped_gemm_rows(m: int, k: int, n: int, e: int, dtype, iters: int) -> list[dict]:
+    """Forward + dX + dW of the expert GEMM by each available form (module docstring)."""
+    kx, kw, kd = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (m, k), dtype)
+    w = jax.random.normal(kw, (e, k, n), dtype)
+    dy = jax.random.normal(kd, (m, n), dtype)
+    sizes = jnp.full((e,), m // e, jnp.int32).at[-1].add(m % e)
+
+    def grouped(impl):
+        def f(x, w, dy):
+            y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl=impl), x, w)
+            return y, *vjp(dy)
+
+        return jax.jit(f)
+
+    def dense(x, w, dy):  # the same M, K, N as one product: the ceiling
+        y, vjp = jax.vjp(lambda x, w: x @ w, x, w[0])
+        return y, *vjp(dy)
+
+    fns = {"ragged_dot (xla)": grouped("xla")}
+    if jax.default_backend() == "gpu" and mosaic_gpu_unsupported(x, w, dtype) is None:
+        fns["mosaic_gpu"] = grouped("mosaic_gpu")
+    fns["dense product"] = jax.jit(dense)
+    ref = fns["ragged_dot (xla)"](x, w, dy)
+    rows = []
+    for name, fn in fns.items():
+        row = {"gemm": name}
+        if name == "mosaic_gpu":
+            got = fn(x, w, dy)
+            row["max_rel_err"] = max(
+                float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
+                / float(jnp.max(jnp.abs(r.astype(jnp.float32))))
+                for g, r in zip(got, ref, strict=True)
+            )
+        sec = time_call(fn, (x, w, dy), iters)
+        row.update(ms=1e3 * sec, tflops=3 * 2 * m * k * n / sec / 1e12)
+        rows.append(row)
+    return rows
+
+
 def comm_bytes(hlo: str) -> dict[str, int]:
     """Bytes produced by each collective kind in optimized HLO text (result shapes)."""
     out: dict[str, int] = {}
@@ -308,6 +355,9 @@ def main() -> None:
         rows.append({"layer": name, "ms": 1e3 * sec, "tokens_per_s": args.tokens / sec,
                      "active_tflops": flops / sec / 1e12})  # fmt: skip
 
+    m = args.tokens * k
+    gemm = grouped_gemm_rows(m, d, f, e, jnp.dtype(args.dtype), args.iters)
+
     n_ep = min(args.ep, jax.device_count())
     ep = {}
     if n_ep > 1 and e % n_ep == 0:
@@ -327,6 +377,10 @@ def main() -> None:
     dense = rows[-1]["active_tflops"]
     for r in rows[:-1]:
         print(f"  {r['layer']}: {100 * r['active_tflops'] / dense:.0f}% of the dense FLOP rate")
+    print(f"\nexpert GEMM alone, forward + dX + dW, M={m} K={d} N={f} in {e} groups")
+    for r in gemm:
+        err = f"  (max rel err vs ragged_dot {r['max_rel_err']:.1e})" if "max_rel_err" in r else ""
+        print(f"  {r['gemm']:<20}{r['ms']:>10.2f} ms{r['tflops']:>10.1f} TFLOP/s{err}")
     for name, by_kind in ep.items():
         per = ", ".join(f"{kind} {b / 2**20:.2f} MiB" for kind, b in sorted(by_kind.items()))
         print(f"EP={n_ep} {name}: per device and step (fwd+bwd): {per}")
@@ -337,6 +391,7 @@ def main() -> None:
         "active_params_per_token": active,
         "check": {"max_abs_err": err, "scale": scale},
         "rows": rows,
+        "grouped_gemm": gemm,
         "ep_devices": n_ep,
         "ep_comm_bytes": ep,
     }

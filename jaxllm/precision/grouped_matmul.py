@@ -6,6 +6,15 @@ ragged_dot's forward and row gradient to grouped kernels, but the weight gradien
 over the contracted rows) to a masked product over every group: E times its FLOPs. Megablox
 computes Y and dX with `gmm` and dW with `tgmm`, all three grouped.
 
+On GPU XLA (jax 0.10.2) expands ragged_dot and both gradients into dense products over every
+group: E times the FLOPs (an H200 compile of the forward + backward at M 32768, K 2048,
+N 2816, E 8 counts 8.0× the grouped work; measured: 13% of the dense rate). `impl="mosaic_gpu"`
+runs jax's Hopper grouped-GEMM kernels instead (`jax.experimental.pallas.ops.gpu`:
+`ragged_dot_mgpu` for Y and dX, `transposed_ragged_dot_mgpu` for dW; Mosaic GPU, sm_90, no
+interpret mode), where `mosaic_gpu_unsupported` accepts the call. It is asked for by name
+until a GPU session has measured it against the XLA and blocked forms
+(`benchmarks/moe.py`'s grouped-GEMM table).
+
 `impl="auto"` picks by lowering platform (`lax.platform_dependent`), so a TPU compile traced
 on a CPU host (AOT) takes megablox. Mosaic kernels cannot be partitioned automatically, so
 "auto" takes megablox only where the call runs unpartitioned: no multi-device mesh active
@@ -27,7 +36,9 @@ from jaxllm.parallel.core.rules import active_mesh
 # the kernel module (gmm, tgmm); the package's `gmm` attribute is its custom_vjp wrapper
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
-Impl = Literal["auto", "xla", "megablox"]
+Impl = Literal["auto", "xla", "megablox", "mosaic_gpu"]
+# jax's example tuning space's middle: 128 × 128 output tiles, 64-deep K steps, 4 in flight
+MGPU_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
 def grouped_matmul_reference(x_MK, w_EKN, sizes_E, preferred_element_type=None):
@@ -57,6 +68,10 @@ def grouped_matmul(
         return xla(x_MK, w_EKN, sizes_E)
     if impl == "megablox":
         return mega(x_MK, w_EKN, sizes_E)
+    if impl == "mosaic_gpu":
+        if why := mosaic_gpu_unsupported(x_MK, w_EKN, out):
+            raise ValueError(f"grouped_matmul(impl='mosaic_gpu') cannot run this call: {why}")
+        return _mgpu(x_MK, w_EKN, sizes_E.astype(jnp.int32))
     if impl == "auto":
         if not _unpartitioned():
             return xla(x_MK, w_EKN, sizes_E)
@@ -135,3 +150,54 @@ def _gmm_bwd(out_dtype, interpret, res, dy_MN):
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+# ------------------------------------------------------------------ Mosaic GPU (Hopper)
+
+
+def mosaic_gpu_unsupported(x_MK, w_EKN, out_dtype) -> str | None:
+    """Why jax's Hopper grouped-GEMM kernels cannot run this call, or None: operands and result
+    in one 16-bit float dtype, K and N multiples of the 128-wide tiles (dW tiles [K, N])."""
+    k, n = w_EKN.shape[1:]
+    if x_MK.dtype != w_EKN.dtype or x_MK.dtype not in (jnp.bfloat16, jnp.float16):
+        return "operands of one dtype, bfloat16 or float16"
+    if jnp.dtype(out_dtype) != x_MK.dtype:
+        return "the result in the operands' dtype"
+    tile = MGPU_BLOCKS["block_m"]
+    if k % tile or n % MGPU_BLOCKS["block_n"]:
+        return f"K {k} and N {n} multiples of {tile}"
+    try:
+        _mgpu_kernels()
+    except ImportError as e:  # Mosaic GPU needs jaxlib's CUDA extension
+        return f"Mosaic GPU does not import here ({e})"
+    return None
+
+
+def _mgpu_kernels():
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+    return ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
+
+
+@jax.custom_vjp
+def _mgpu(x_MK, w_EKN, sizes_E):
+    ragged_dot, _ = _mgpu_kernels()
+    y = ragged_dot(x_MK, w_EKN, group_sizes=sizes_E, **MGPU_BLOCKS)
+    return _rows_in_groups(y, sizes_E)
+
+
+def _mgpu_fwd(x_MK, w_EKN, sizes_E):
+    return _mgpu(x_MK, w_EKN, sizes_E), (x_MK, w_EKN, sizes_E)
+
+
+def _mgpu_bwd(res, dy_MN):
+    x_MK, w_EKN, sizes_E = res
+    ragged_dot, transposed_ragged_dot = _mgpu_kernels()
+    dy = dy_MN.astype(x_MK.dtype)
+    # dX = dY Wᵀ per group; dW[e] = X[rows of e]ᵀ dY[rows of e], grouped over the rows
+    dx = ragged_dot(dy, w_EKN, group_sizes=sizes_E, transpose_rhs=True, **MGPU_BLOCKS)
+    dw = transposed_ragged_dot(x_MK, dy, group_sizes=sizes_E, **MGPU_BLOCKS)
+    return _rows_in_groups(dx, sizes_E), dw.astype(w_EKN.dtype), None
+
+
+_mgpu.defvjp(_mgpu_fwd, _mgpu_bwd)

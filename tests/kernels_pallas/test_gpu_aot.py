@@ -6,6 +6,8 @@ compiled for sm_90 here, inside Hopper's shared-memory limit:
   GLA kernel forward and backward (packed), the FP8 GEMM for both operand pairs and both
   scalings;
 - the flash-attention kernels (forward, dq, dk/dv) at head dims 64 to 256 with GQA;
+- jax's Mosaic GPU grouped GEMMs behind `grouped_matmul(impl="mosaic_gpu")`, where XLA's
+  ragged_dot computes every group's dense product;
 - `ops.attention(impl="auto")` picks cuDNN flash attention (forward and backward custom
   calls) for causal GQA, and the Triton flash kernel for packed rows, with no [T, S] float32
   scores.
@@ -20,6 +22,7 @@ import pytest
 
 from jaxllm import compile as aot
 from jaxllm.ops.attention import attention
+from jaxllm.precision.grouped_matmul import grouped_matmul
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.fp8_matmul import fp8_matmul
 from kernels_pallas.gated_linear_attention import gated_linear_attention
@@ -35,10 +38,15 @@ CUDNN = re.compile(r'custom_call_target="__cudnn\$fmha\w*"')
 
 
 @pytest.fixture(scope="module")
-def spec():
+def h200():
+    """One compile-only H200."""
+    return aot.topology_devices(aot.parse_topology("h200"))[0]
+
+
+@pytest.fixture(scope="module")
+def spec(h200):
     """ShapeDtypeStruct on one compile-only H200."""
-    device = aot.topology_devices(aot.parse_topology("h200"))[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    sharding = jax.sharding.SingleDeviceSharding(h200)
     return lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
@@ -122,3 +130,21 @@ def test_attention_auto_on_h200(spec, packed):
     assert len(CUDNN.findall(hlo)) == (0 if packed else 2)
     assert hlo.count(TRITON) == (3 if packed else 0)
     assert not re.search(rf"f32\[(?:\d+,)*{t},{t}\]", hlo)
+
+
+def test_mosaic_gpu_grouped_matmul_compiles_for_h200(spec, h200, monkeypatch):
+    """grouped_matmul(impl="mosaic_gpu"): jax's Hopper kernels for Y, dX and dW (three Mosaic
+    GPU calls), where XLA's ragged_dot is a dense product over every group. (jax's dW kernel
+    asks `jax.devices()` for the SM count: the H200's here.)"""
+    m, k, n, e = 4096, 256, 384, 8
+    args = (spec((m, k)), spec((e, k, n)), spec((e,), jnp.int32))
+
+    def loss(impl):
+        fn = lambda x, w, s: grouped_matmul(x, w, s, impl=impl).astype(jnp.float32)
+        return jax.grad(lambda x, w, s: jnp.sum(fn(x, w, s) ** 2), argnums=(0, 1))
+
+    flops, _ = aot.loop_aware_flops(_compiled(loss("xla"), *args))
+    assert flops >= e * 3 * 2 * m * k * n * 0.99  # ragged_dot: every group's dense product
+    monkeypatch.setattr(jax, "devices", lambda *a: [h200])
+    hlo = _compiled(loss("mosaic_gpu"), *args)
+    assert hlo.count('custom_call_target="mosaic_gpu') == 3 and " dot(" not in hlo
