@@ -130,19 +130,22 @@ _HLO_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[")
 _HLO_CONV = re.compile(r"\bconvolution\(%([\w.\-]+), %([\w.\-]+)\)")
 
 
+def _compiled_fp8_step(topology: str, d: int, seq: int) -> tuple[str, dict[str, str]]:
+    """A 2-layer FP8 (current scaling) train step compiled for `topology`: the optimized HLO
+    and the element type of each of its instructions (names are unique in a module)."""
+    small = ["model.n_layers=2", f"model.d_model={d}", "model.n_heads=4", f"model.d_ff={2 * d}",
+             "data.batch_size=8", f"data.seq_len={seq}", "precision.fp8=current"]  # fmt: skip
+    lowered, _ = aot.lower_train_step(config.load("default", small), aot.parse_topology(topology))
+    text = lowered.compile().as_text()
+    types = {m[1]: m[2] for line in text.splitlines() if (m := _HLO_DEF.match(line))}
+    return text, types
+
+
 @pytest.mark.tpu_aot
 @pytest.mark.skipif(not aot.tpu_available(), reason="needs libtpu (pip install .[tpu])")
 def test_train_step_compiles_for_v5p_with_fp8_operands_at_the_mxu_op():
-    small = ["model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.d_ff=256",
-             "data.batch_size=8", "data.seq_len=128", "precision.fp8=current"]  # fmt: skip
-    cfg = config.load("default", small)
-    lowered, _ = aot.lower_train_step(cfg, aot.parse_topology("v5p:2x2x1"))
-    text = lowered.compile().as_text()
-    # the element type of every instruction (names are unique in a module)
-    types, pairs = {}, collections.Counter()
-    for line in text.splitlines():
-        if m := _HLO_DEF.match(line):
-            types[m[1]] = m[2]
+    text, types = _compiled_fp8_step("v5p:2x2x1", 128, 128)
+    pairs = collections.Counter()
     for line in text.splitlines():
         if c := _HLO_CONV.search(line):
             pairs[tuple(sorted((types.get(c[1]), types.get(c[2]))))] += 1
@@ -160,15 +163,8 @@ _HLO_DOT = re.compile(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\).*op_name=\"([^\"]*)\""
 @pytest.mark.gpu_aot
 @pytest.mark.skipif(not aot.cuda_available(), reason="needs jax's CUDA plugin (.[cuda])")
 def test_train_step_compiles_for_h200_with_every_projection_gemm_in_fp8():
-    small = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.d_ff=512",
-             "data.batch_size=8", "data.seq_len=256", "precision.fp8=current"]  # fmt: skip
-    cfg = config.load("default", small)
-    lowered, _ = aot.lower_train_step(cfg, aot.parse_topology("h200"))
-    text = lowered.compile().as_text()
-    types, pairs, wide = {}, collections.Counter(), []
-    for line in text.splitlines():
-        if m := _HLO_DEF.match(line):
-            types[m[1]] = m[2]
+    text, types = _compiled_fp8_step("h200", 256, 256)
+    pairs, wide = collections.Counter(), []
     for line in text.splitlines():
         if d := _HLO_DOT.search(line):
             pair = tuple(sorted((types.get(d[1]), types.get(d[2]))))
