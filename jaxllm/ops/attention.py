@@ -124,14 +124,15 @@ def cudnn_unsupported(
 ) -> str | None:
     """Why cuDNN flash attention is not used for these inputs, or None when it is.
 
-    Packed rows stay on the XLA form: `jax.nn.dot_product_attention` (jax 0.10.2) reaches
-    cuDNN only with per-row lengths (`query_seq_lengths`: padding, one document per row). The
-    packed THD form (`q_offsets` / `kv_offsets` in the private
+    Packed rows go to the Triton flash kernel (`flash_unsupported`): `jax.nn.dot_product_attention`
+    (jax 0.10.2) reaches cuDNN only with per-row lengths (`query_seq_lengths`: padding, one
+    document per row). The packed THD form (`q_offsets` / `kv_offsets` in the private
     `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, Hopper only) needs a
-    static maximum document count per row and was not checkable without a GPU here. A dense
+    static maximum document count per row, and cuDNN builds its graphs on the device, so a
+    compile for an H200 without one (`gpu_aot`) cannot say whether it accepts a call. A dense
     mask (`impl="cudnn"` by name) reaches cuDNN as a [B, 1, T, S] bf16 bias whose gradient
     jax 0.10.2 always exports (`should_export_dbias`); whether cuDNN takes that head-broadcast
-    bias gradient was not checkable without a GPU either, so `auto` does not choose it.
+    bias gradient needs a GPU too, so `auto` does not choose it.
     """
     t, kd = q_BTHK.shape[1], q_BTHK.shape[-1]
     if segment_ids_BT is not None or kv_segment_ids_BS is not None:
