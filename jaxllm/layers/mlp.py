@@ -7,6 +7,7 @@ from flax import nnx
 
 from jaxllm.layers.base import LayerConfig, cast, dense, param, tag
 from jaxllm.layers.registry import register_ffn
+from jaxllm.ops.activations import swiglu
 from jaxllm.parallel.core.rules import constrain
 
 
@@ -33,6 +34,6 @@ class SwiGLU(nnx.Module):
         x_BTD = x_BTD.astype(dt)
         gate_BTF = dense(x_BTD, cast(self.w_gate, dt), "BTD,DF->BTF", name="gate")
         up_BTF = dense(x_BTD, cast(self.w_up, dt), "BTD,DF->BTF", name="up")
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
+        h_BTF = constrain(swiglu(gate_BTF, up_BTF), ("batch", "length", "act_mlp"))
         h_BTF = tag(h_BTF, "mlp_hidden")
         return dense(h_BTF, cast(self.w_down, dt), "BTF,FD->BTD", name="down")

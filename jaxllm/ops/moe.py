@@ -32,6 +32,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxllm.ops.activations import swiglu
 from jaxllm.ops.moe_routing import Routing
 from jaxllm.precision import project, project_ragged
 
@@ -97,7 +98,7 @@ def grouped_swiglu(
         rows = xs_ND if first == 0 else jnp.roll(xs_ND, -offset, axis=0)
         g = project_ragged(rows, w_gate.astype(dtype), sizes, name="expert_gate")
         u = project_ragged(rows, w_up.astype(dtype), sizes, name="expert_up")
-        y = project_ragged(jax.nn.silu(g) * u, w_down.astype(dtype), sizes, name="expert_down")
+        y = project_ragged(swiglu(g, u), w_down.astype(dtype), sizes, name="expert_down")
         y = y if first == 0 else jnp.roll(y, offset, axis=0)
         out = y if out is None else out + y
     return out
@@ -185,7 +186,7 @@ def blocked_swiglu(
         be = plan.block_expert
         g = project(xb_NBD, w_gate.astype(dtype)[be], "NBD,NDF->NBF", name="expert_gate")
         u = project(xb_NBD, w_up.astype(dtype)[be], "NBD,NDF->NBF", name="expert_up")
-        h_NBF = jax.nn.silu(g) * u
+        h_NBF = swiglu(g, u)
         out.append(project(h_NBF, w_down.astype(dtype)[be], "NBF,NFD->NBD", name="expert_down"))
     return out
 
@@ -243,7 +244,7 @@ def capacity_swiglu(
         xb_ECD = buf_SD[first * c : end * c].reshape(end - first, c, d)
         g = project(xb_ECD, w_gate.astype(dtype), "ECD,EDF->ECF", name="expert_gate")
         u = project(xb_ECD, w_up.astype(dtype), "ECD,EDF->ECF", name="expert_up")
-        h_ECF = jax.nn.silu(g) * u
+        h_ECF = swiglu(g, u)
         outs.append(project(h_ECF, w_down.astype(dtype), "ECF,EFD->ECD", name="expert_down"))
     return jnp.concatenate(outs, axis=0).reshape(-1, d)
 
